@@ -1,0 +1,26 @@
+"""Shared fixtures: the embedded default scans (always available) and ../shared data (skipped if absent)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ICT_FACES = SHARED / "datasets" / "ict-faces"
+
+
+@pytest.fixture(scope="session")
+def ict_faces() -> Path:
+    if not (ICT_FACES / "manifest.json").is_file():
+        pytest.skip("../shared/datasets/ict-faces is not present")
+    return ICT_FACES
+
+
+@pytest.fixture(scope="session")
+def default_scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small procedural scan folder: 2 people x 3 expressions."""
+    from training.data.synthetic_faces import generate_scan_folder
+
+    out = tmp_path_factory.mktemp("default_scans")
+    return generate_scan_folder(out, n_identities=2, seed=3, expressions=["neutral", "mouth_open", "smile"])

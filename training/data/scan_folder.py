@@ -1,0 +1,232 @@
+"""Reading a user's scan folder: `manifest.json` plus meshes (OBJ, PLY, STL through trimesh).
+
+Schema (docs/scan-folder.md): per scan its path, identity, expression, neutral flag and the five
+landmarks, either as millimetre coordinates (`landmarks_mm`) or as vertex indices
+(`landmark_vertex_indices`, per scan or once for the folder). Every check here turns a bad input into
+a `ScanError` that names the scan and the problem, so a batch can list it and go on.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .landmarks import LANDMARK_NAMES
+
+MESH_SUFFIXES = {".ply", ".obj", ".stl", ".off"}
+DEFAULT_MAX_TRIANGLES = 2_000_000
+# Outer eye corners are 85-105 mm apart on adults; this wider band still flags unit mistakes.
+EYE_DISTANCE_MM = (55.0, 150.0)
+UNIT_SCALES = {"m": 1000.0, "cm": 10.0, "mm": 1.0}
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be read: nothing in the folder can be processed."""
+
+
+class ScanError(ValueError):
+    """One scan cannot be used; `scan` names it and `reason` says why."""
+
+    def __init__(self, scan: str, reason: str) -> None:
+        super().__init__(f"{scan}: {reason}")
+        self.scan = scan
+        self.reason = reason
+
+
+@dataclass
+class ScanEntry:
+    key: str                         # "<identity>/<expression>", unique in the folder
+    path: Path
+    identity: str
+    expression: str
+    neutral: bool
+    landmarks_mm: np.ndarray | None  # (5, 3) in the manifest's units, or None when given as indices
+    landmark_indices: np.ndarray | None
+
+
+@dataclass
+class ScanFolder:
+    root: Path
+    entries: list[ScanEntry]
+    shared_topology: bool
+    units: str
+    invalid: list[tuple[str, str]] = field(default_factory=list)  # (scan, reason) for unusable entries
+
+
+@dataclass
+class LoadedScan:
+    """A scan ready for preprocessing: vertices in millimetres, landmarks in millimetres."""
+
+    entry: ScanEntry
+    vertices: np.ndarray  # (V, 3) float64 mm
+    faces: np.ndarray     # (T, 3) int64
+    landmarks: np.ndarray  # (5, 3) float64 mm
+    warnings: list[str]
+
+
+def _landmark_array(scan: str, value: Any, what: str) -> np.ndarray:
+    if not isinstance(value, dict):
+        raise ScanError(scan, f"'{what}' must be an object mapping the landmark names to values")
+    missing = [n for n in LANDMARK_NAMES if n not in value]
+    if missing:
+        raise ScanError(scan, f"missing landmark(s) {', '.join(missing)} in '{what}'")
+    try:
+        return np.array([value[n] for n in LANDMARK_NAMES], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ScanError(scan, f"'{what}' holds a value that is not a number: {exc}") from None
+
+
+def load_scan_folder(root: str | Path) -> ScanFolder:
+    """Parse and check `root/manifest.json`. Entries that are malformed are collected in `invalid`
+    instead of stopping the folder; a manifest that cannot be read at all raises ManifestError."""
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise ManifestError(f"{root}: no manifest.json (see docs/scan-folder.md for the format)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("scans"), list):
+        raise ManifestError(f"{manifest_path}: expected an object with a 'scans' list")
+    units = manifest.get("units", "mm")
+    if units not in UNIT_SCALES:
+        raise ManifestError(f"{manifest_path}: units '{units}' not one of {sorted(UNIT_SCALES)}")
+    shared_topology = bool(manifest.get("shared_topology", False))
+    folder_indices = manifest.get("landmark_vertex_indices")
+
+    entries: list[ScanEntry] = []
+    invalid: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for number, raw in enumerate(manifest["scans"]):
+        name = raw.get("path", f"scans[{number}]") if isinstance(raw, dict) else f"scans[{number}]"
+        try:
+            entries.append(_parse_entry(root, raw, name, folder_indices, seen))
+        except ScanError as exc:
+            invalid.append((exc.scan, exc.reason))
+    return ScanFolder(root, entries, shared_topology, units, invalid)
+
+
+def _parse_entry(root: Path, raw: Any, name: str, folder_indices: Any, seen: set[str]) -> ScanEntry:
+    if not isinstance(raw, dict):
+        raise ScanError(name, "scan entry is not an object")
+    for key in ("path", "identity", "expression"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ScanError(name, f"missing or empty '{key}'")
+    path = (root / raw["path"]).resolve()
+    if path.suffix.lower() not in MESH_SUFFIXES:
+        raise ScanError(name, f"unsupported mesh type '{path.suffix}' (use {', '.join(sorted(MESH_SUFFIXES))})")
+    key = f"{raw['identity']}/{raw['expression']}"
+    if key in seen:
+        raise ScanError(name, f"duplicate identity/expression pair '{key}'")
+    seen.add(key)
+    neutral = raw.get("neutral", raw["expression"] == "neutral")
+    if not isinstance(neutral, bool):
+        raise ScanError(name, "'neutral' must be true or false")
+    landmarks = indices = None
+    if "landmarks_mm" in raw:
+        landmarks = _landmark_array(name, raw["landmarks_mm"], "landmarks_mm")
+    else:
+        source = raw.get("landmark_vertex_indices", folder_indices)
+        if source is None:
+            raise ScanError(name, "no landmarks: give 'landmarks_mm' or 'landmark_vertex_indices'")
+        values = _landmark_array(name, source, "landmark_vertex_indices")
+        if np.any(values != np.round(values)) or np.any(values < 0):
+            raise ScanError(name, "landmark vertex indices must be non-negative integers")
+        indices = values.astype(np.int64)
+    return ScanEntry(key, path, raw["identity"], raw["expression"], neutral, landmarks, indices)
+
+
+def _ply_face_count(path: Path) -> int | None:
+    """Triangle count from a PLY header, so a huge scan is refused before it is read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head.startswith(b"ply"):
+        return None
+    for line in head.split(b"\n"):
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == b"element" and parts[1] == b"face":
+            try:
+                return int(parts[2])
+            except ValueError:
+                return None
+        if line.strip() == b"end_header":
+            break
+    return None
+
+
+def load_scan(entry: ScanEntry, units: str = "mm", max_triangles: int = DEFAULT_MAX_TRIANGLES) -> LoadedScan:
+    """Read one scan's mesh and landmarks, in millimetres, and check them. Raises ScanError."""
+    import trimesh  # deferred: importing trimesh costs ~0.3 s and the manifest check does not need it
+
+    scan = entry.key
+    if not entry.path.is_file():
+        raise ScanError(scan, f"mesh file not found: {entry.path}")
+    header_faces = _ply_face_count(entry.path)
+    if header_faces is not None and header_faces > max_triangles:
+        raise ScanError(scan, f"{header_faces:,} triangles is above the limit of {max_triangles:,}; "
+                              "decimate the scan (or raise max_triangles)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # process=False keeps the file's vertex order: shared-topology correspondences depend on it.
+            mesh = trimesh.load(entry.path, force="mesh", process=False, maintain_order=True)
+    except Exception as exc:  # trimesh raises many types for broken files; report them all the same way
+        raise ScanError(scan, f"cannot read mesh {entry.path.name}: {type(exc).__name__}: {exc}") from None
+    vertices = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
+    faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64)
+    if len(vertices) == 0 or len(faces) == 0:
+        raise ScanError(scan, "empty mesh: no vertices or no triangles")
+    if len(faces) > max_triangles:
+        raise ScanError(scan, f"{len(faces):,} triangles is above the limit of {max_triangles:,}; "
+                              "decimate the scan (or raise max_triangles)")
+    bad = ~np.isfinite(vertices).all(axis=1)
+    if bad.any():
+        raise ScanError(scan, f"{int(bad.sum())} vertices have NaN or infinite coordinates")
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise ScanError(scan, "triangles refer to vertices that do not exist")
+
+    notes: list[str] = []
+    if entry.landmark_indices is not None:
+        if entry.landmark_indices.max() >= len(vertices):
+            raise ScanError(scan, f"landmark vertex index {int(entry.landmark_indices.max())} is out of range "
+                                  f"(mesh has {len(vertices)} vertices)")
+        landmarks = vertices[entry.landmark_indices].copy()
+    else:
+        assert entry.landmarks_mm is not None
+        landmarks = entry.landmarks_mm.copy()
+        if not np.isfinite(landmarks).all():
+            raise ScanError(scan, "landmarks contain NaN or infinite values")
+
+    scale = UNIT_SCALES[units]
+    eye_distance = float(np.linalg.norm(landmarks[0] - landmarks[1])) * scale
+    if not EYE_DISTANCE_MM[0] <= eye_distance <= EYE_DISTANCE_MM[1]:
+        guessed = _guess_unit_scale(eye_distance)
+        if guessed is None:
+            raise ScanError(scan, f"outer eye corners are {eye_distance:.4g} {'mm' if scale == 1 else 'mm after unit scaling'} "
+                                  f"apart, expected {EYE_DISTANCE_MM[0]:.0f}-{EYE_DISTANCE_MM[1]:.0f} mm: "
+                                  "wrong landmarks or wrong units")
+        scale *= guessed
+        notes.append(f"the scan looks like it is in {_unit_name(scale)} (outer eye corners "
+                     f"{eye_distance:.4g} apart); scaled by {scale:g} to millimetres")
+    vertices = vertices * scale
+    landmarks = landmarks * scale
+    return LoadedScan(entry, vertices, faces, landmarks, notes)
+
+
+def _guess_unit_scale(eye_distance: float) -> float | None:
+    for factor in (1000.0, 10.0, 0.1):
+        if EYE_DISTANCE_MM[0] <= eye_distance * factor <= EYE_DISTANCE_MM[1]:
+            return factor
+    return None
+
+
+def _unit_name(scale: float) -> str:
+    return {1000.0: "metres", 10.0: "centimetres", 0.1: "tenths of a millimetre"}.get(scale, f"units x{scale:g}")
