@@ -145,16 +145,27 @@ def test_self_intersecting_mesh_is_processed_with_a_warning(default_scans, tmp_p
     bad = manifest["scans"][5]
     mesh = _mesh(folder, bad)
     vertices = np.array(mesh.vertices)
-    # Push the nose region 40 mm back through the cheeks behind it: the surface now crosses itself.
-    nose = np.array(bad["landmarks_mm"]["nose_tip"])
-    near_nose = np.linalg.norm(vertices[:, :2] - nose[:2], axis=1) < 12.0
-    vertices[near_nose, 2] -= 60.0
-    _write_ply(folder / bad["path"], vertices, mesh.faces)
-    bad["landmarks_mm"]["nose_tip"][2] -= 60.0
+    faces = np.array(mesh.faces)
+    # A flap that pierces the cheek: a quad standing across the surface, 10 mm in front and behind.
+    eye = np.array(bad["landmarks_mm"]["right_eye_outer_corner"])
+    mouth = np.array(bad["landmarks_mm"]["right_mouth_corner"])
+    cheek = vertices[np.argmin(np.linalg.norm(vertices - (eye + mouth) / 2, axis=1))]
+    flap = cheek + np.array([[-5, 0, -10], [5, 0, -10], [5, 0, 10], [-5, 0, 10]], dtype=float)
+    n = len(vertices)
+    vertices = np.vstack([vertices, flap])
+    faces = np.vstack([faces, [[n, n + 1, n + 2], [n, n + 2, n + 3]]])
+    _write_ply(folder / bad["path"], vertices, faces)
+    manifest["shared_topology"] = False  # the flap's vertices break the shared vertex count
     _save_manifest(folder, manifest)
     report, failed = _run(folder, tmp_path)
     assert not failed, report.summary()
     assert any("self-intersecting" in w for w in report.warnings[_key(bad)])
+    # The flap is not part of the rebuilt surface: its front half is hidden from nothing, but its
+    # back half is, and the surface stays a height field either way.
+    from safetensors.numpy import load_file
+
+    samples = load_file(str(tmp_path / "out" / f"{_key(bad)}.safetensors"))
+    assert np.isfinite(samples["sdf"]).all()
 
 
 def test_five_million_triangles_is_refused_before_reading(default_scans, tmp_path):
