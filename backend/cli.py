@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_preprocess_options(p)
     p.set_defaults(func=_cmd_main)
+
+    from backend.model_commands import add_model_commands
+
+    add_model_commands(sub)  # fit, extract, decode, evaluate: the commands that use a trained model
     return parser
 
 
