@@ -48,22 +48,45 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.train import main as train_main
+
+    return train_main(args.train_args)
+
+
 def _cmd_main(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: make scans, preprocess them, write a preview."""
+    """The main job on the embedded default: make scans, preprocess them, train the cpu preset, and
+    write previews of the scans and of the trained model's faces."""
+    from training.config import preset
     from training.data.preprocess import preprocess_folder
     from training.data.preview import preview_scan_folder
     from training.data.synthetic_faces import generate_scan_folder
+    from training.train import train
 
     out = Path(args.out)
     scans = generate_scan_folder(out / "scans", n_identities=args.identities, seed=args.seed)
-    print(f"[1/3] default scans: {scans}")
+    print(f"[1/4] default scans: {scans}")
     report = preprocess_folder(scans, out / "samples", _preprocess_config(args), workers=args.workers)
-    print(f"[2/3] {report.summary()}")
+    print(f"[2/4] {report.summary()}")
     if not report.processed and not report.cached:
         return 1
     preview = preview_scan_folder(scans, out / "preview.png")
-    print(f"[3/3] preview of the scans: {preview}")
-    return 0
+    print(f"[3/4] preview of the scans: {preview}")
+    if args.steps == 0:
+        return 0
+    cfg = preset("cpu")
+    cfg.data.processed = str(out / "samples")
+    cfg.output = str(out / "train")
+    if args.steps is not None:
+        cfg.schedule.steps = args.steps
+    # Running the main job again continues (or just reports) the same run instead of starting over.
+    resume = (out / "train" / "checkpoints" / "last.safetensors").is_file()
+    result = train(cfg.validate(), resume=resume)
+    previews = sorted((out / "train" / "previews").glob("*.png"))
+    print(f"[4/4] trained the cpu preset for {result.step} steps ({result.reason}, {result.seconds:.0f} s): "
+          f"model {result.model_path}, loss curve {out / 'train' / 'loss_curve.png'}, "
+          f"latest preview {previews[-1] if previews else 'none'}")
+    return 0 if not result.interrupted else 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,10 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_preview)
 
+    p = sub.add_parser("train", help="train the model (all options: imface train --help)", add_help=False)
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("main", help="the main job on the embedded default data")
     p.add_argument("--out", default="runs/default")
     p.add_argument("--identities", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the cpu preset's; 0: no training)")
     add_preprocess_options(p)
     p.set_defaults(func=_cmd_main)
 
@@ -106,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # training has its own parser (python -m training.train); pass everything on
+        from training.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
