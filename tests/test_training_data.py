@@ -1,0 +1,124 @@
+"""Training batches: contract shapes, determinism by (seed, step), DDP sharding, neutral fallbacks."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training.dataset import DatasetError, ProcessedScans
+from training.synthetic_samples import write_synthetic_processed
+
+KW = dict(seed=3, scans_per_batch=4, points_per_scan=64, near_fraction=0.75, surface_points=16, dense_points=32)
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> ProcessedScans:
+    folder = write_synthetic_processed(tmp_path_factory.mktemp("samples"), n_identities=3,
+                                       expressions=("neutral", "smile", "frown"), n_samples=1000,
+                                       n_surface=200, n_dense=100, skip_neutral_for=(2,))
+    return ProcessedScans.load(folder)
+
+
+def test_batch_follows_the_model_contract(scans):
+    b = scans.batch(5, **KW)
+    B, N, M, D = 4, 64, 16, 32
+    shapes = {"scan_index": (B,), "identity_index": (B,), "neutral": (B,), "points": (B, N, 3), "sdf": (B, N),
+              "gradients": (B, N, 3), "surface_points": (B, M, 3), "surface_normals": (B, M, 3),
+              "landmarks": (B, 5, 3), "neutral_landmarks": (B, 5, 3), "dense_index": (D,),
+              "dense_points": (B, D, 3), "neutral_dense_points": (B, D, 3), "dense_valid": (B, D)}
+    assert {k: tuple(v.shape) for k, v in b.items()} == shapes
+    assert b["scan_index"].dtype == torch.long and b["neutral"].dtype == torch.bool
+    assert b["dense_valid"].dtype == torch.bool and b["points"].dtype == torch.float32
+    # 3/4 of the points come from the near-surface part of each file (|sdf| small there).
+    near = b["sdf"][:, :48].abs().mean()
+    uniform = b["sdf"][:, 48:].abs().mean()
+    assert near < uniform
+
+
+def test_same_seed_and_step_same_batch_any_order(scans):
+    a = scans.batch(7, **KW)
+    scans.batch(2, **KW)  # other steps in between change nothing
+    b = scans.batch(7, **KW)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = scans.batch(8, **KW)
+    assert not torch.equal(a["points"], c["points"])
+
+
+def test_epochs_visit_every_scan(scans):
+    spe = scans.steps_per_epoch(4)
+    seen = torch.cat([scans.global_slots(3, s, 4) for s in range(spe)])
+    assert set(seen.tolist()) == set(range(scans.n_scans))
+    other_epoch = torch.cat([scans.global_slots(3, s, 4) for s in range(spe, 2 * spe)])
+    assert not torch.equal(seen, other_epoch)
+
+
+def test_rank_shards_compose_the_global_batch(scans):
+    full = scans.batch(4, **KW)
+    parts = [scans.batch(4, **KW, rank=r, world_size=2) for r in range(2)]
+    for k in full:
+        if k == "dense_index":  # one vertex subset for the whole batch, on every rank
+            assert all(torch.equal(p[k], full[k]) for p in parts)
+        else:
+            assert torch.equal(torch.cat([p[k] for p in parts]), full[k]), k
+    with pytest.raises(ValueError, match="divisible"):
+        scans.batch(0, **{**KW, "scans_per_batch": 3}, rank=0, world_size=2)
+
+
+def test_neutral_targets_and_templates(scans):
+    assert any("id02" in n and "no neutral" in n for n in scans.notes)
+    b = scans.batch(0, **KW)
+    for i in range(4):
+        ident = int(b["identity_index"][i])
+        members = [k for k, s in enumerate(scans.scans) if s.identity_index == ident]
+        neutral = [k for k in members if scans.scans[k].neutral]
+        src = neutral or members
+        expect = torch.stack([scans._data[k].landmarks for k in src]).mean(0)
+        assert torch.allclose(b["neutral_landmarks"][i], expect)
+    assert scans.template_landmarks().shape == (5, 3)
+    assert scans.template_dense().shape == (100, 3)
+    assert torch.allclose(scans.template_landmarks(), scans.neutral_landmarks.mean(0))
+
+
+def test_memory_cap_keeps_a_fixed_subset(tmp_path):
+    folder = write_synthetic_processed(tmp_path / "s", n_identities=2, n_samples=1000, n_surface=50, n_dense=10)
+    a = ProcessedScans.load(folder, max_samples_per_scan=300, seed=1)
+    b = ProcessedScans.load(folder, max_samples_per_scan=300, seed=1)
+    assert a._data[0].points.shape == (300, 3) and a._data[0].n_near == 150
+    assert torch.equal(a._data[0].points, b._data[0].points)
+
+
+def test_broken_folders_give_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no index.json"):
+        ProcessedScans.load(tmp_path)
+    folder = write_synthetic_processed(tmp_path / "s", n_identities=2, n_samples=200, n_surface=20, n_dense=10)
+    victim = folder / "id01" / "smile.safetensors"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(DatasetError, match="id01/smile.*re-run preprocessing"):
+        ProcessedScans.load(folder)
+    index = json.loads((folder / "index.json").read_text())
+    index["format"] = "something-else"
+    (folder / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match="format"):
+        ProcessedScans.load(folder)
+
+
+def test_memory_mapped_storage_gives_the_same_batches(tmp_path):
+    folder = write_synthetic_processed(tmp_path / "s", n_identities=2, n_samples=500, n_surface=50, n_dense=20)
+    mem = ProcessedScans.load(folder)
+    mapped = ProcessedScans.load(folder, storage="mmap")
+    assert mapped.memory_bytes() < mem.memory_bytes()
+    a, b = mem.batch(3, **KW), mapped.batch(3, **KW)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_worker_processes_build_the_same_batches(scans):
+    from training.dataset import StepBatches, iterate_batches
+
+    kw = {k: v for k, v in KW.items()}
+    batches = StepBatches(scans, total_steps=6, rank=0, world_size=1, **kw)
+    inline = list(iterate_batches(batches, start_step=2, workers=0))
+    workers = list(iterate_batches(batches, start_step=2, workers=1))
+    assert len(inline) == len(workers) == 4
+    for a, b in zip(inline, workers):
+        assert all(torch.equal(a[k], b[k]) for k in a)
