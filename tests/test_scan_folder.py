@@ -31,15 +31,15 @@ def test_default_folder_preprocesses_with_index_and_cache(default_scans, tmp_pat
     assert len(changed.processed) == 6
 
 
-def test_ict_faces_ingest_through_the_user_path(ict_faces, tmp_path):
+def test_ict_faces_ingest_through_the_user_path(ict_faces, ict_samples):
     folder = load_scan_folder(ict_faces)
     assert len(folder.entries) == 192 and not folder.invalid and folder.shared_topology
-    report = preprocess_folder(ict_faces, tmp_path / "ict", TINY, workers=2, progress=False)
-    assert not report.failed, report.summary()
-    index = json.loads((tmp_path / "ict" / "index.json").read_text())
+    out, report = ict_samples
+    assert not report.failed and len(report.processed) == 192, report.summary()
+    index = json.loads((out / "index.json").read_text())
     assert len(index["identities"]) == 16 and len(index["expressions"]) == 12
     assert index["n_dense"] == 11248
-    sample = load_file(str(tmp_path / "ict" / "id00" / "neutral.safetensors"))
+    sample = load_file(str(out / "id00" / "neutral.safetensors"))
     # Outer eye corners are 85-105 mm apart on these people: units were read as millimetres.
     eye_mm = np.linalg.norm(sample["landmarks"][0] - sample["landmarks"][1]) * 100
     assert 80 < eye_mm < 110
