@@ -93,13 +93,19 @@ def test_off_surface_landmark(default_scans, tmp_path):
     _assert_only_bad_failed(report, failed, _key(bad), "off the surface", "nose_tip")
 
 
-def test_scan_in_metres_is_detected_and_scaled(default_scans, tmp_path):
+def _rescaled_scan(default_scans: Path, tmp_path: Path, factor: float) -> tuple[Path, dict]:
+    """A copy of the folder whose scan 4 (mesh and landmarks) is multiplied by `factor`."""
     folder, manifest = _copy(default_scans, tmp_path)
     bad = manifest["scans"][4]
     mesh = _mesh(folder, bad)
-    _write_ply(folder / bad["path"], np.asarray(mesh.vertices) / 1000.0, mesh.faces)
-    bad["landmarks_mm"] = {k: [c / 1000.0 for c in v] for k, v in bad["landmarks_mm"].items()}
+    _write_ply(folder / bad["path"], np.asarray(mesh.vertices) * factor, mesh.faces)
+    bad["landmarks_mm"] = {k: [c * factor for c in v] for k, v in bad["landmarks_mm"].items()}
     _save_manifest(folder, manifest)
+    return folder, bad
+
+
+def test_scan_in_metres_is_detected_and_scaled(default_scans, tmp_path):
+    folder, bad = _rescaled_scan(default_scans, tmp_path, 1 / 1000.0)
     report, failed = _run(folder, tmp_path)
     assert not failed and len(report.processed) == 6, report.summary()
     assert any("metres" in w for w in report.warnings[_key(bad)])
@@ -111,12 +117,7 @@ def test_scan_in_metres_is_detected_and_scaled(default_scans, tmp_path):
 
 
 def test_scan_in_wrong_scale_is_refused(default_scans, tmp_path):
-    folder, manifest = _copy(default_scans, tmp_path)
-    bad = manifest["scans"][4]
-    mesh = _mesh(folder, bad)
-    _write_ply(folder / bad["path"], np.asarray(mesh.vertices) * 3.0, mesh.faces)  # a giant: no unit explains it
-    bad["landmarks_mm"] = {k: [c * 3.0 for c in v] for k, v in bad["landmarks_mm"].items()}
-    _save_manifest(folder, manifest)
+    folder, bad = _rescaled_scan(default_scans, tmp_path, 3.0)  # a giant: no unit explains it
     report, failed = _run(folder, tmp_path)
     _assert_only_bad_failed(report, failed, _key(bad), "outer eye corners", "units")
 
