@@ -53,8 +53,14 @@ class FaceCodes:
 
 
 @dataclass
-class _Context:
-    """Per-batch quantities that depend only on the codes: computed once, reused by every pass."""
+class FaceContext:
+    """Per-codes quantities (Landmark-Net outputs, hyper-net weights): computed once by
+    `ImFacePlusPlus.prepare(codes)` and reused by every evaluation with those codes.
+
+    Generating the hyper-net weights is the fixed cost of an evaluation (independent of the number of
+    points); reusing one context over many point chunks (mesh extraction, decoding, fitting steps
+    that evaluate several point sets) pays it once.
+    """
     codes: FaceCodes
     landmarks: torch.Tensor           # l   (B, K, 3) observed space
     canonical_landmarks: torch.Tensor  # l'  (B, K, 3)
@@ -62,6 +68,10 @@ class _Context:
     id_w: list[LayerWeights] | None
     tmp_w: list[LayerWeights] | None
     frozen: bool                      # no gradients to E, I, T, Landmark-Nets
+    det_w: list[LayerWeights] | None = None  # DetailNet weights (prepare fills them; None: per call)
+
+
+_Context = FaceContext  # the name used inside this module
 
 
 @dataclass
@@ -190,12 +200,17 @@ class ImFacePlusPlus(nn.Module):
         b.sdf = s0[..., 0] + b.delta
         return b
 
+    def _detail_value(self, template: torch.Tensor, detail_code: torch.Tensor,
+                      weights: list[LayerWeights] | None = None) -> torch.Tensor:
+        """Bounded displacement d = max · tanh(D(p''; z_detail)) (B, N) at template points."""
+        d = self.detail_net(template, self.template_landmarks, detail_code, weights=weights)[..., 0]
+        return self.cfg.detail_max_displacement * torch.tanh(d)
+
     def _displaced(self, x: torch.Tensor, base: _Base, base_grad: torch.Tensor,
-                   detail_code: torch.Tensor) -> torch.Tensor:
+                   detail_code: torch.Tensor, det_w: list[LayerWeights] | None = None) -> torch.Tensor:
         """p_b' = p + χ(f̂) D(p'') ∇f̂/||∇f̂|| (eq. 7), D bounded by tanh as in IDF / official code."""
         cfg = self.cfg
-        d = self.detail_net(base.template, self.template_landmarks, detail_code)[..., 0]
-        d = cfg.detail_max_displacement * torch.tanh(d)
+        d = self._detail_value(base.template, detail_code, det_w)
         s = base.sdf.detach() if cfg.detail_detach_base else base.sdf
         chi = 1.0 / (1.0 + (s / cfg.detail_attenuation) ** 4)   # IDF attenuation
         n = F.normalize(base_grad, dim=-1)
@@ -204,27 +219,80 @@ class ImFacePlusPlus(nn.Module):
         return x + (chi * d).unsqueeze(-1) * n
 
     # ------------------------------------------------------------------ public evaluation
-    def warp_to_canonical(self, points: torch.Tensor, codes: FaceCodes,
-                          neutral: torch.Tensor | None = None) -> torch.Tensor:
+    def prepare(self, codes: FaceCodes, frozen: bool | None = None, detail: bool = True) -> FaceContext:
+        """The per-codes context (Landmark-Nets, hyper-net weights of E, I, T and D), computed once.
+
+        frozen: no gradients to the networks nor to the identity/expression codes (default: whether
+        autograd is off). For fitting, pass frozen=False with the network parameters'
+        requires_grad off: gradients then reach the codes only. detail: also generate DetailNet's
+        weights (skip for warps only).
+        """
+        frozen = (not torch.is_grad_enabled()) if frozen is None else frozen
+        ctx = self._context(codes, frozen=frozen)
+        if detail and self.detail_net.impl == "batched":
+            # (the detail code is never detached by `frozen`: stage two and fitting train it)
+            ctx.det_w = self.detail_net.batched_weights(codes.detail)
+        return ctx
+
+    def field(self, codes: FaceCodes, neutral: bool | torch.Tensor | None = None,
+              frozen: bool | None = None) -> "FaceField":
+        """A face with fixed codes: `.sdf(points)`, `.to_canonical`, `.to_template`, ... (see FaceField)."""
+        return FaceField(self, self.prepare(codes, frozen=frozen), neutral)
+
+    def _ctx(self, codes: FaceCodes | None, context: FaceContext | None) -> FaceContext:
+        if context is not None:
+            return context
+        if codes is None:
+            raise ValueError("give codes or a context from prepare(codes)")
+        return self._context(codes, frozen=not torch.is_grad_enabled())
+
+    def warp_to_canonical(self, points: torch.Tensor, codes: FaceCodes | None = None,
+                          neutral: torch.Tensor | None = None, *,
+                          context: FaceContext | None = None) -> torch.Tensor:
         """Observation -> canonical p' (B, N, 3); neutral (B,) bool forces the identity map."""
-        ctx = self._context(codes, frozen=not torch.is_grad_enabled())
-        return self._warp(points, ctx, neutral).canonical
+        return self._warp(points, self._ctx(codes, context), neutral).canonical
 
-    def warp_to_template(self, points: torch.Tensor, codes: FaceCodes,
-                         neutral: torch.Tensor | None = None) -> torch.Tensor:
+    def warp_to_template(self, points: torch.Tensor, codes: FaceCodes | None = None,
+                         neutral: torch.Tensor | None = None, *,
+                         context: FaceContext | None = None) -> torch.Tensor:
         """Observation -> template p'' (B, N, 3) (base chain, no detail displacement)."""
-        ctx = self._context(codes, frozen=not torch.is_grad_enabled())
-        return self._warp(points, ctx, neutral).template
+        return self._warp(points, self._ctx(codes, context), neutral).template
 
-    def sdf(self, points: torch.Tensor, codes: FaceCodes, with_detail: bool = True,
-            neutral: torch.Tensor | None = None) -> torch.Tensor:
+    def expression_warp(self, points: torch.Tensor, context: FaceContext,
+                        neutral: torch.Tensor | None = None) -> torch.Tensor:
+        """E alone: observation -> canonical (B, N, 3) (the identity map where neutral)."""
+        e = self.exp_net(points, context.landmarks, context.codes.expression, weights=context.exp_w,
+                         frozen=context.frozen)
+        out, _ = self._apply_warp(self.cfg.exp_warp, e, points)
+        return out if neutral is None else torch.where(neutral.view(-1, 1, 1), points, out)
+
+    def identity_warp(self, canonical: torch.Tensor, context: FaceContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """I alone: canonical -> (template (B, N, 3), SDF residual δ (B, N))."""
+        i = self.id_net(canonical, context.canonical_landmarks, context.codes.identity, weights=context.id_w,
+                        frozen=context.frozen)
+        template, extra = self._apply_warp(self.cfg.id_warp, i, canonical)
+        return template, extra[..., 0]
+
+    def template_sdf(self, template: torch.Tensor, context: FaceContext | None = None) -> torch.Tensor:
+        """T(p''; l'') (B, N): the template face's SDF (no code)."""
+        w = None if context is None else context.tmp_w
+        return self.template_net(template, self.template_landmarks, weights=w,
+                                 frozen=True if context is None else context.frozen)[..., 0]
+
+    def detail_displacement(self, template: torch.Tensor, context: FaceContext) -> torch.Tensor:
+        """The bounded DetailNet displacement d(p'') (B, N) along the base normal (eq. 7)."""
+        return self._detail_value(template, context.codes.detail, context.det_w)
+
+    def sdf(self, points: torch.Tensor, codes: FaceCodes | None = None, with_detail: bool = True,
+            neutral: torch.Tensor | None = None, *, context: FaceContext | None = None) -> torch.Tensor:
         """Signed distance (B, N) at points (B, N, 3): f (eq. 8) or the base f̂ (eq. 5).
 
         Under torch.no_grad() only the base normal needs a (local) first-order gradient; with grad
         enabled the result is differentiable w.r.t. points and codes (for fitting, eq. 21).
+        context: from `prepare(codes)`, reused across calls (codes may then be omitted).
         """
         grad_enabled = torch.is_grad_enabled()
-        ctx = self._context(codes, frozen=not grad_enabled)
+        ctx = self._ctx(codes, context)
         if not with_detail:
             return self._base(points, ctx, neutral).sdf
         with torch.enable_grad():
@@ -237,7 +305,7 @@ class ImFacePlusPlus(nn.Module):
                          base.delta.detach(), base.sdf.detach())
             x = x.detach()
         with torch.set_grad_enabled(grad_enabled):
-            xb = self._displaced(x, base, g, codes.detail)
+            xb = self._displaced(x, base, g, ctx.codes.detail, ctx.det_w)
             return self._base(xb, ctx, neutral).sdf
 
     # ------------------------------------------------------------------ training losses
@@ -352,3 +420,53 @@ class ImFacePlusPlus(nn.Module):
         out["base"] = sum(terms.values()) + det_prior
         out["total"] = kappa * sum(v for k, v in out.items() if k != "base") + (1.0 - kappa) * out["base"]
         return out
+
+
+class FaceField:
+    """One face (fixed codes) ready for many evaluations: the per-codes context is computed once.
+
+    Points may be (N, 3) (results (N,) / (N, 3)) or (B, N, 3) for a context of B code rows.
+    `sdf` chunks large inputs; every method follows the caller's autograd mode.
+    """
+
+    def __init__(self, model: ImFacePlusPlus, context: FaceContext,
+                 neutral: bool | torch.Tensor | None = None) -> None:
+        self.model = model
+        self.context = context
+        if isinstance(neutral, bool):
+            neutral = torch.full((context.codes.identity.shape[0],), neutral, dtype=torch.bool,
+                                 device=context.codes.identity.device)
+        self.neutral = neutral
+
+    @property
+    def codes(self) -> FaceCodes:
+        return self.context.codes
+
+    @staticmethod
+    def _batched(points: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        return (points.unsqueeze(0), True) if points.dim() == 2 else (points, False)
+
+    def sdf(self, points: torch.Tensor, with_detail: bool = True, chunk: int = 65536) -> torch.Tensor:
+        x, single = self._batched(points)
+        outs = [self.model.sdf(x[:, i:i + chunk], with_detail=with_detail, neutral=self.neutral,
+                               context=self.context) for i in range(0, max(1, x.shape[1]), chunk)]
+        out = torch.cat(outs, dim=1)
+        return out[0] if single else out
+
+    def to_canonical(self, points: torch.Tensor) -> torch.Tensor:
+        x, single = self._batched(points)
+        out = self.model.expression_warp(x, self.context, self.neutral)
+        return out[0] if single else out
+
+    def canonical_to_template(self, canonical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, single = self._batched(canonical)
+        t, d = self.model.identity_warp(x, self.context)
+        return (t[0], d[0]) if single else (t, d)
+
+    def to_template(self, points: torch.Tensor) -> torch.Tensor:
+        return self.canonical_to_template(self.to_canonical(points))[0]
+
+    def detail_displacement(self, template: torch.Tensor) -> torch.Tensor:
+        x, single = self._batched(template)
+        out = self.model.detail_displacement(x, self.context)
+        return out[0] if single else out

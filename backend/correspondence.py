@@ -1,0 +1,459 @@
+"""Correspondences: backward warps of observed points, EDE / TDE, and topology-consistent meshes.
+
+ImFace++ maps an observed point p to the canonical (neutral) space with ExpNet, p' = E(p), and on to
+the shared template space with IDNet, p'' = I(p') (§3.1). Both are backward warps, so:
+
+* `to_canonical` / `to_template` map observed points (a scan's vertices) directly; EDE and TDE
+  (§4.3.2) compare them with the same vertices on the person's neutral scan (canonical space) and on
+  the template (template space), which is exact ground truth when scans share one topology.
+* A mesh with one fixed vertex order for every face (`TopologyDecoder`) needs the forward direction:
+  one template mesh is extracted once (marching cubes of the template SDF T), and for any codes each
+  template vertex v'' is placed in observation space by solving I(E(x)) = v'' for x. The two warps
+  are inverted one after the other (I: v'' -> x', then E: x' -> x) with batched quasi-Newton
+  iterations: the 3x3 Jacobian of the warp at every vertex from autograd once (three backward passes,
+  all vertices at a time), then Broyden updates of its inverse that need only forward evaluations,
+  and only the vertices not converged yet are evaluated. Solutions and inverse Jacobians are kept:
+  the next codes start from them (warm start); an unchanged identity code reuses the whole first
+  inversion, an unchanged detail code its displacements.
+* The base surface is f̂ = T(p'') + δ(p'), so a placed vertex is moved along the normal by the base
+  SDF value T(v'') + δ, then by the detail displacement d(v'') of eq. 7 (f(p) ≈ f̂(p) + d near the
+  surface): x_final = x - (T(v'') + δ + d) n.
+
+Residuals (|I(E(x)) - v''| per vertex) are reported; vertices above `flag_tolerance` are flagged.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from backend.editing import check_codes
+from backend.model import FaceCodes, ImFacePlusPlus
+
+MM_PER_UNIT = 100.0
+WarpFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ================================================================================ backward warps
+
+
+def _as_tensor(points: np.ndarray | torch.Tensor, model: ImFacePlusPlus) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.as_tensor(np.asarray(points, dtype=np.float32) if not torch.is_tensor(points) else points,
+                           dtype=torch.float32, device=device).reshape(-1, 3)
+
+
+def to_canonical(model: ImFacePlusPlus, points: np.ndarray | torch.Tensor, codes: FaceCodes,
+                 neutral: bool = False, chunk: int = 65536) -> np.ndarray:
+    """Observed points (N, 3, model units) -> canonical space p' = E(p) (the identity's neutral face)."""
+    check_codes(model, codes)
+    x = _as_tensor(points, model)
+    with torch.no_grad():
+        fld = model.field(codes, neutral=neutral, frozen=True)
+        out = [fld.to_canonical(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, 3), np.float32)
+
+
+def to_template(model: ImFacePlusPlus, points: np.ndarray | torch.Tensor, codes: FaceCodes,
+                neutral: bool = False, chunk: int = 65536) -> np.ndarray:
+    """Observed points (N, 3, model units) -> template space p'' = I(E(p))."""
+    check_codes(model, codes)
+    x = _as_tensor(points, model)
+    with torch.no_grad():
+        fld = model.field(codes, neutral=neutral, frozen=True)
+        out = [fld.to_template(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, 3), np.float32)
+
+
+def correspondence_errors(model: ImFacePlusPlus, codes: FaceCodes, points: np.ndarray,
+                          neutral_points: np.ndarray | None = None,
+                          template_points: np.ndarray | None = None, valid: np.ndarray | None = None,
+                          neutral: bool = False) -> dict[str, float]:
+    """EDE and TDE of ImFace++ §4.3.2 in mm for one scan with known correspondences.
+
+    points: the scan's vertices in its normalised frame (model units); neutral_points: the same
+    vertices on the person's neutral scan (its normalised frame): EDE = mean |E(p) - p_neutral|;
+    template_points: the same vertices on the template (the model's `template_dense`):
+    TDE = mean |I(E(p)) - p_template|. valid: vertices that count (visible, inside the sphere).
+    """
+    from backend.geometry.metrics import correspondence_error
+
+    out: dict[str, float] = {}
+    pts = np.asarray(points, dtype=np.float64)
+    mask = np.ones(len(pts), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    if neutral_points is not None:
+        can = to_canonical(model, pts[mask], codes, neutral)
+        out["ede_mm"] = MM_PER_UNIT * correspondence_error(can, np.asarray(neutral_points)[mask])
+    if template_points is not None:
+        tmp = to_template(model, pts[mask], codes, neutral)
+        out["tde_mm"] = MM_PER_UNIT * correspondence_error(tmp, np.asarray(template_points)[mask])
+    return out
+
+
+# ================================================================================ warp inversion
+
+
+@dataclass
+class Inversion:
+    """Solution of warp(x) = target for a batch of points."""
+
+    x: torch.Tensor          # (N, 3)
+    jinv: torch.Tensor       # (N, 3, 3) inverse Jacobian estimate at x (for warm starts)
+    residual: torch.Tensor   # (N,) |warp(x) - target|
+    extra: torch.Tensor | None  # (N, k) the warp's extra outputs at x (e.g. δ), when it has any
+    iterations: int
+    evaluations: int         # points passed to the warp (forward evaluations)
+    jacobians: int           # points whose Jacobian was taken with autograd
+
+
+def warp_jacobian(fn: WarpFn, x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) Jacobians d warp / d x of a pointwise warp, three batched backward passes."""
+    with torch.enable_grad():
+        xr = x.detach().clone().requires_grad_(True)
+        y = fn(xr)[:, :3]
+        rows = [torch.autograd.grad(y[:, k].sum(), xr, retain_graph=k < 2)[0] for k in range(3)]
+    return torch.stack(rows, dim=1)
+
+
+def _inverse3(j: torch.Tensor) -> torch.Tensor:
+    """Batched 3x3 inverse; singular Jacobians (a folded warp) fall back to the identity."""
+    det = torch.linalg.det(j)
+    ok = det.abs() > 1e-8
+    eye = torch.eye(3, dtype=j.dtype, device=j.device).expand_as(j)
+    safe = torch.where(ok[:, None, None], j, eye)
+    return torch.where(ok[:, None, None], torch.linalg.inv(safe), eye)
+
+
+def invert_warp(fn: WarpFn, target: torch.Tensor, x0: torch.Tensor, jinv0: torch.Tensor | None = None,
+                tol: float = 1e-5, max_iters: int = 40, max_step: float = 0.05, halvings: int = 4,
+                patience: int = 6) -> Inversion:
+    """Solve fn(x)[:, :3] = target for every row by Broyden's ("good") method, batched over points.
+
+    fn: pointwise warp (N, 3) -> (N, 3 + k) (extra columns, e.g. an SDF residual, are returned for the
+    final x). jinv0: inverse Jacobians to start from (warm start); None: from autograd at x0.
+    Only points whose residual is above `tol` are evaluated again. Safeguards, so that a warp that is
+    hard to invert somewhere (a badly trained or folded region) cannot throw points away: steps are
+    at most `max_step` long; a step that increases a point's residual is halved (up to `halvings`
+    times), and if that still does not help it is rejected and the point's Jacobian is recomputed with
+    autograd. A point's residual therefore never increases: the result is the best point found. A
+    point whose residual has not halved in `patience` iterations is given up (it keeps its best x and
+    shows up as not converged): where the warp has no inverse, iterating longer only costs time.
+    """
+    x = x0.detach().clone()
+    n = x.shape[0]
+    with torch.no_grad():
+        jacobians = 0
+        if jinv0 is None:
+            jinv = _inverse3(warp_jacobian(fn, x))
+            jacobians = n
+        else:
+            jinv = jinv0.detach().clone()
+        y = fn(x)
+        evaluations = n
+        extra = y[:, 3:].clone() if y.shape[1] > 3 else None
+        r = y[:, :3] - target
+        res = torch.linalg.vector_norm(r, dim=1)
+        active = torch.nonzero(res > tol).squeeze(1)
+        mark = res.clone()                       # residual at each point's last real progress
+        since = torch.zeros(n, dtype=torch.long, device=x.device)  # iterations since then
+        iters = 0
+        while active.numel() and iters < max_iters:
+            iters += 1
+            ja, ra, xa = jinv[active], r[active], x[active]
+            res_a = torch.linalg.vector_norm(ra, dim=1)
+            dx = -(ja @ ra.unsqueeze(-1)).squeeze(-1)
+            length = torch.linalg.vector_norm(dx, dim=1, keepdim=True)
+            dx = dx * torch.clamp(max_step / length.clamp_min(1e-30), max=1.0)
+            yn = fn(xa + dx)
+            evaluations += active.numel()
+            rn = yn[:, :3] - target[active]
+            worse = torch.linalg.vector_norm(rn, dim=1) > res_a
+            for _ in range(halvings):  # backtrack: halve the steps that made things worse
+                if not worse.any():
+                    break
+                wi = torch.nonzero(worse).squeeze(1)
+                dx[wi] *= 0.5
+                yw = fn(xa[wi] + dx[wi])
+                evaluations += wi.numel()
+                yn[wi] = yw
+                rn[wi] = yw[:, :3] - target[active[wi]]
+                worse[wi] = torch.linalg.vector_norm(rn[wi], dim=1) > res_a[wi]
+            rejected = worse
+            ok = ~rejected
+            dr = rn - ra
+            jdr = (ja @ dr.unsqueeze(-1)).squeeze(-1)
+            denom = (dx * jdr).sum(1, keepdim=True)
+            good = (denom.abs() > 1e-20) & ok.unsqueeze(-1)
+            upd = ((dx - jdr) / torch.where(good, denom, torch.ones_like(denom))).unsqueeze(-1) \
+                * (dx.unsqueeze(1) @ ja)
+            ja = ja + upd * good.unsqueeze(-1)
+            if rejected.any():  # stay put and take the true Jacobian there
+                ri = torch.nonzero(rejected).squeeze(1)
+                ja[ri] = _inverse3(warp_jacobian(fn, xa[ri]))
+                jacobians += ri.numel()
+            jinv[active] = ja
+            acc = active[ok]
+            x[acc] = xa[ok] + dx[ok]
+            r[acc] = rn[ok]
+            if extra is not None:
+                extra[acc] = yn[ok][:, 3:]
+            now = torch.linalg.vector_norm(r[active], dim=1)
+            progressed = now <= 0.5 * mark[active]
+            mark[active] = torch.where(progressed, now, mark[active])
+            since[active] = torch.where(progressed, torch.zeros_like(since[active]), since[active] + 1)
+            active = active[(now > tol) & (since[active] < patience)]
+        res = torch.linalg.vector_norm(r, dim=1)
+    return Inversion(x, jinv, res, extra, iters, evaluations, jacobians)
+
+
+# ================================================================================ template mesh
+
+
+@dataclass
+class TemplateMesh:
+    """The one mesh every decoded face shares: vertices in template space (model units), faces."""
+
+    vertices: np.ndarray   # (V, 3) float32
+    faces: np.ndarray      # (F, 3) int64
+    template_sdf: np.ndarray  # (V,) T at the vertices (≈ 0: marching cubes interpolates linearly)
+    resolution: int
+
+    def save(self, path: str | Path) -> None:
+        import trimesh
+
+        trimesh.Trimesh(self.vertices, self.faces, process=False).export(path)
+
+    @classmethod
+    def load(cls, model: ImFacePlusPlus, path: str | Path) -> "TemplateMesh":
+        """A template mesh saved with `save` (vertices in template space, model units)."""
+        import trimesh
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"template mesh {path} does not exist")
+        tm = trimesh.load(path, process=False, force="mesh")
+        v = np.asarray(tm.vertices, dtype=np.float32)
+        f = np.asarray(tm.faces, dtype=np.int64)
+        if len(v) == 0 or len(f) == 0 or not np.isfinite(v).all():
+            raise ValueError(f"{path}: not a usable template mesh (empty or NaN)")
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            t = model.template_sdf(torch.from_numpy(v).to(device).unsqueeze(0))[0].cpu().numpy()
+        return cls(v, f, t.astype(np.float32), 0)
+
+
+def _largest_component(faces: np.ndarray, n_vertices: int) -> np.ndarray:
+    """Faces of the largest edge-connected piece (stray marching-cubes islands are dropped)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if len(faces) == 0:
+        return faces
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    adj = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n_vertices, n_vertices))
+    _, labels = connected_components(adj, directed=False)
+    face_label = labels[faces[:, 0]]
+    best = np.bincount(face_label).argmax()
+    return faces[face_label == best]
+
+
+def extract_template_mesh(model: ImFacePlusPlus, resolution: int = 160, crop_mm: float = 4.0,
+                          radius: float = 0.95) -> TemplateMesh:
+    """Marching cubes of the template SDF T (no codes), cropped to the face region.
+
+    The template SDF is defined in the whole sphere but trained only near faces: with the model's
+    template vertices (shared-topology training) the mesh keeps the triangles within `crop_mm` of them,
+    otherwise those within `radius` of the origin. Only the largest connected piece is kept.
+    """
+    from scipy.spatial import cKDTree
+
+    from backend.geometry.extraction import extract_mesh
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # sign corrections far from the face: not worth a warning
+
+        def tsdf(p: torch.Tensor) -> torch.Tensor:
+            return model.template_sdf(p.unsqueeze(0))[0]
+
+        vertices, faces = extract_mesh(tsdf, resolution=resolution, device=device, band=2.0)
+    if len(faces) == 0:
+        raise RuntimeError("the template SDF has no surface: is this a trained model?")
+    keep_v = np.linalg.norm(vertices, axis=1) <= radius
+    if model.template_dense is not None:
+        dense = model.template_dense.detach().cpu().numpy()
+        d, _ = cKDTree(dense).query(vertices, k=1, workers=-1)
+        keep_v &= d <= crop_mm / MM_PER_UNIT
+    faces = faces[keep_v[faces].all(1)]
+    faces = _largest_component(faces, len(vertices))
+    used = np.unique(faces)
+    remap = np.full(len(vertices), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    vertices = vertices[used].astype(np.float32)
+    faces = remap[faces]
+    with torch.no_grad():
+        t = model.template_sdf(torch.from_numpy(vertices).to(device).unsqueeze(0))[0].cpu().numpy()
+    return TemplateMesh(vertices, faces, t.astype(np.float32), resolution)
+
+
+# ================================================================================ decoding
+
+
+@dataclass
+class DecodedMesh:
+    """A face in the template's topology."""
+
+    vertices: np.ndarray      # (V, 3) model units (observation space of the codes)
+    faces: np.ndarray         # (F, 3) the template's faces (the same for every decode)
+    residual: np.ndarray      # (V,) inversion residual |I(E(x)) - v''| in model units
+    converged: np.ndarray     # (V,) bool: residual <= flag_tolerance
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_unconverged(self) -> int:
+        return int((~self.converged).sum())
+
+    def to_frame(self, normalized_from_scan: np.ndarray | None = None) -> np.ndarray:
+        """Vertices in a scan's own frame and units (its stored transform), else the model frame in mm."""
+        if normalized_from_scan is not None:
+            from backend.geometry.extraction import to_scan_frame
+
+            return to_scan_frame(self.vertices, normalized_from_scan=normalized_from_scan)
+        return self.vertices.astype(np.float64) * MM_PER_UNIT
+
+
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals (the faces' winding: outward for marching-cubes output)."""
+    a, b, c = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
+    fn = torch.linalg.cross(b - a, c - a, dim=1)
+    n = torch.zeros_like(vertices)
+    for k in range(3):
+        n.index_add_(0, faces[:, k], fn)
+    return n / torch.linalg.vector_norm(n, dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _key(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+class TopologyDecoder:
+    """Codes -> mesh with the template's vertex order, by inverting the backward warps per vertex.
+
+    Keep one decoder per model and call `decode` for every new set of codes (a timeline, an
+    interpolation, a fit): each call warm-starts from the previous one. Thread-unsafe by design.
+    """
+
+    def __init__(self, model: ImFacePlusPlus, template: TemplateMesh | None = None, resolution: int = 160,
+                 tolerance: float = 1e-5, flag_tolerance: float = 1e-4, max_iters: int = 40) -> None:
+        self.model = model
+        self.template = template if template is not None else extract_template_mesh(model, resolution)
+        self.tolerance = tolerance
+        self.flag_tolerance = flag_tolerance
+        self.max_iters = max_iters
+        dev = next(model.parameters()).device
+        self.device = dev
+        self._v = torch.from_numpy(self.template.vertices).to(dev)
+        self._f = torch.from_numpy(self.template.faces).to(dev)
+        self._tsdf = torch.from_numpy(self.template.template_sdf).to(dev)
+        self._id: tuple[bytes, Inversion] | None = None       # last identity stage
+        self._exp: Inversion | None = None                     # last expression stage (warm start)
+        self._exp_target: torch.Tensor | None = None           # the canonical positions it solved for
+        self._detail: tuple[bytes, torch.Tensor] | None = None
+
+    @property
+    def faces(self) -> np.ndarray:
+        return self.template.faces
+
+    def reset(self) -> None:
+        """Forget the warm-start state (the next decode starts cold)."""
+        self._id = self._exp = self._exp_target = self._detail = None
+
+    def decode(self, codes: FaceCodes, neutral: bool = False, warm_start: bool = True) -> DecodedMesh:
+        check_codes(self.model, codes)
+        if codes.identity.shape[0] != 1:
+            raise ValueError("decode one face at a time (codes with one row)")
+        t0 = time.perf_counter()
+        stats: dict[str, float] = {}
+        m = self.model
+        codes = FaceCodes(*(c.detach().to(self.device) for c in (codes.identity, codes.expression, codes.detail)))
+        with torch.no_grad():
+            ctx = m.prepare(codes, frozen=True)
+
+        # Stage 1: I(x') = v''  (depends on the identity code only).
+        id_key = _key(codes.identity)
+        if self._id is not None and self._id[0] == id_key and warm_start:
+            inv_i = self._id[1]
+            stats["identity_cached"] = 1.0
+        else:
+            def warp_i(p: torch.Tensor) -> torch.Tensor:
+                t, d = m.identity_warp(p.unsqueeze(0), ctx)
+                return torch.cat((t[0], d[0].unsqueeze(-1)), dim=1)
+
+            prev = self._id[1] if (self._id is not None and warm_start) else None
+            x0 = prev.x if prev is not None else self._v
+            inv_i = invert_warp(warp_i, self._v, x0, None if prev is None else prev.jinv,
+                                self.tolerance, self.max_iters)
+            self._id = (id_key, inv_i)
+            stats.update(identity_iterations=inv_i.iterations, identity_evaluations=inv_i.evaluations,
+                         identity_jacobians=inv_i.jacobians)
+        t1 = time.perf_counter()
+
+        # Stage 2: E(x) = x'  (the expression warp; the identity map for a neutral face).
+        if neutral:
+            x = inv_i.x
+            res_e = torch.zeros_like(inv_i.residual)
+        else:
+            def warp_e(p: torch.Tensor) -> torch.Tensor:
+                return m.expression_warp(p.unsqueeze(0), ctx)[0]
+
+            prev = self._exp if warm_start else None
+            if prev is None:
+                x0 = inv_i.x
+            else:
+                # E is close to a rigid motion locally: when the canonical target moved (a new
+                # identity), move the previous solution with it.
+                x0 = prev.x + (inv_i.x - self._exp_target) if self._exp_target is not None else prev.x
+            inv_e = invert_warp(warp_e, inv_i.x, x0, None if prev is None else prev.jinv,
+                                self.tolerance, self.max_iters)
+            self._exp, self._exp_target = inv_e, inv_i.x
+            x = inv_e.x
+            res_e = inv_e.residual
+            stats.update(expression_iterations=inv_e.iterations, expression_evaluations=inv_e.evaluations,
+                         expression_jacobians=inv_e.jacobians)
+        t2 = time.perf_counter()
+
+        # Detail displacement at the template vertices (depends on the detail code only).
+        det_key = _key(codes.detail)
+        if self._detail is not None and self._detail[0] == det_key:
+            d = self._detail[1]
+        else:
+            with torch.no_grad():
+                d = m.detail_displacement(self._v.unsqueeze(0), ctx)[0]
+            self._detail = (det_key, d)
+        with torch.no_grad():
+            delta = inv_i.extra[:, 0]
+            n = vertex_normals(x, self._f)
+            out = x - (self._tsdf + delta + d).unsqueeze(-1) * n
+        t3 = time.perf_counter()
+
+        # |I(E(x)) - v''| <= |I(x') - v''| + |J_I| |E(x) - x'|; J_I ≈ identity, so the sum bounds it.
+        residual = (inv_i.residual + res_e).cpu().numpy()
+        converged = residual <= self.flag_tolerance
+        stats.update(seconds=t3 - t0, seconds_identity=t1 - t0, seconds_expression=t2 - t1,
+                     seconds_surface=t3 - t2, max_residual=float(residual.max(initial=0.0)),
+                     mean_residual=float(residual.mean()) if len(residual) else 0.0,
+                     unconverged=float((~converged).sum()), vertices=float(len(residual)))
+        return DecodedMesh(out.cpu().numpy(), self.template.faces, residual, converged, stats)
+
+    def check_residuals(self, decoded: DecodedMesh, codes: FaceCodes, neutral: bool = False) -> np.ndarray:
+        """|I(E(x_base)) - v''| recomputed from scratch for the base placement (diagnostics, tests).
+
+        Uses the last decode's base positions (before the normal offset)."""
+        x = self._exp.x if (self._exp is not None and not neutral) else self._id[1].x  # type: ignore[index]
+        tmp = to_template(self.model, x, codes, neutral)
+        return np.linalg.norm(tmp - self.template.vertices, axis=1)

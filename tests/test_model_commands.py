@@ -1,0 +1,168 @@
+"""`imface fit / extract / decode / evaluate`: outputs, and one-line errors with exit code 2."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_fixture import one_thread, tiny_model  # noqa: F401  (fixtures)
+
+from backend.cli import main
+from training.data.scan_folder import load_scan, load_scan_folder
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--threads", "1", "--quiet"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "backend.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def one_line_error(stderr: str, *needles: str) -> None:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fit")
+    rc = main(["fit", str(tiny_model.path), str(tiny_model.scans), "--scan", "id01/smile", "--out", str(out),
+               "--steps", "40", "--resolution", "80", "--metric-points", "20000", "--registered",
+               "--template-resolution", "80", *FAST])
+    assert rc == 0
+    return out
+
+
+def test_fit_writes_codes_mesh_report(fitted, tiny_model):
+    codes = json.loads((fitted / "id01__smile.codes.json").read_text())
+    assert {"identity", "expression", "detail", "model", "normalized_from_scan"} <= set(codes)
+    assert len(codes["identity"]) == 40 and codes["model"]
+    report = json.loads((fitted / "id01__smile.report.json").read_text())
+    assert report["steps"] == 40 and report["evaluations"] > 0 and len(report["losses"]) == 40
+    assert 0 < report["metrics"]["chamfer_mm"] < 3.0
+    assert report["metrics"]["registered_unconverged_vertices"] == 0
+    import trimesh
+
+    mesh = trimesh.load(fitted / "id01__smile.ply", process=False)
+    scan = load_scan(next(e for e in load_scan_folder(tiny_model.scans).entries if e.key == "id01/smile"))
+    # In the scan's frame and mm: the mesh surrounds the scan's nose tip.
+    assert np.linalg.norm(mesh.vertices - scan.landmarks[2], axis=1).min() < 3.0
+    reg = trimesh.load(fitted / "id01__smile.registered.ply", process=False)
+    assert np.linalg.norm(reg.vertices - scan.landmarks[2], axis=1).min() < 3.0
+
+
+def test_extract_and_decode_commands(fitted, tiny_model, tmp_path):
+    codes = fitted / "id01__smile.codes.json"
+    r = run_cli("extract", str(tiny_model.path), str(codes), "--out", str(tmp_path / "x.ply"), "--resolution", "64",
+                *FAST)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "x.ply").is_file() and "vertices" in r.stdout
+    r = run_cli("decode", str(tiny_model.path), str(codes), "--out", str(tmp_path / "d.ply"), "--resolution", "64",
+                "--save-template", str(tmp_path / "t.ply"), *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "template order" in r.stdout and "0 vertices not converged" in r.stdout
+    import trimesh
+
+    d, t = (trimesh.load(tmp_path / n, process=False) for n in ("d.ply", "t.ply"))
+    assert np.array_equal(d.faces, t.faces)
+
+
+def test_evaluate_command(tiny_model, tmp_path):
+    out = tmp_path / "table.md"
+    rc = main(["evaluate", str(tiny_model.path), str(tiny_model.scans), "--out", str(out), "--scan", "id00/neutral",
+               "--scan", "id00/mouth_open", "--steps", "30", "--resolution", "72", "--metric-points", "20000", *FAST])
+    assert rc == 0
+    text = out.read_text()
+    assert "Chamfer-L1 (mm)" in text and "EDE (mm)" in text and "**mean**" in text
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["key"] for r in rows] == ["id00/neutral", "id00/mouth_open", "mean"]
+    for r in rows:
+        for c in ("chamfer_mm", "fscore_1mm", "normal_consistency", "ede_mm", "tde_mm"):
+            assert np.isfinite(float(r[c])), (c, r)
+
+
+def _depth_view(tiny_model, tmp_path):
+    from backend.fitting import simulate_depth_view
+
+    scan = load_scan(next(e for e in load_scan_folder(tiny_model.scans).entries if e.key == "id00/mouth_open"))
+    cam = scan.landmarks[2] + np.array([0.0, 20.0, 500.0])
+    pts, _ = simulate_depth_view(scan.vertices, scan.faces, cam, look_at=scan.landmarks[2], width=60, height=60,
+                                 noise=0.2)
+    lm = tmp_path / "landmarks.json"
+    from training.data.landmarks import LANDMARK_NAMES
+
+    lm.write_text(json.dumps({n: list(map(float, p)) for n, p in zip(LANDMARK_NAMES, scan.landmarks)}))
+    return scan, pts, cam, lm
+
+
+def test_fit_partial_point_cloud(tiny_model, tmp_path):
+    scan, pts, cam, lm = _depth_view(tiny_model, tmp_path)
+    np.savetxt(tmp_path / "view.xyz", pts)
+    rc = main(["fit", str(tiny_model.path), str(tmp_path / "view.xyz"), "--landmarks", str(lm), "--camera",
+               ",".join(map(str, cam)), "--out", str(tmp_path / "out"), "--steps", "20", "--resolution", "64", *FAST])
+    assert rc == 0
+    assert (tmp_path / "out" / "view.codes.json").is_file() and (tmp_path / "out" / "view.ply").is_file()
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny_model, tmp_path, capsys):
+    scan, pts, cam, lm = _depth_view(tiny_model, tmp_path)
+    model = str(tiny_model.path)
+
+    def check(args: list[str], *needles: str) -> None:
+        capsys.readouterr()
+        assert main(args + FAST) == 2
+        one_line_error(capsys.readouterr().err, *needles)
+
+    (tmp_path / "empty.xyz").write_text("")
+    check(["fit", model, str(tmp_path / "empty.xyz"), "--landmarks", str(lm), "--out", str(tmp_path / "o")], "empty")
+    nan = pts.copy()
+    nan[3, 1] = np.nan
+    np.savetxt(tmp_path / "nan.xyz", nan)
+    check(["fit", model, str(tmp_path / "nan.xyz"), "--landmarks", str(lm), "--out", str(tmp_path / "o")], "NaN")
+    np.savetxt(tmp_path / "view.xyz", pts)
+    check(["fit", model, str(tmp_path / "view.xyz"), "--out", str(tmp_path / "o")], "--landmarks")
+    # A mesh in metres, declared as mm (the default): refused with the reason and the fix.
+    import trimesh
+
+    trimesh.Trimesh(scan.vertices / 1000.0, scan.faces, process=False).export(tmp_path / "metres.ply")
+    lm_m = tmp_path / "landmarks_m.json"
+    lm_m.write_text(json.dumps({k: [c / 1000.0 for c in v] for k, v in json.loads(lm.read_text()).items()}))
+    check(["fit", model, str(tmp_path / "metres.ply"), "--landmarks", str(lm_m), "--out", str(tmp_path / "o")],
+          "metres", "--units")
+    # ... and accepted with --units m; the mesh comes back in metres.
+    assert main(["fit", model, str(tmp_path / "metres.ply"), "--landmarks", str(lm_m), "--units", "m", "--out",
+                 str(tmp_path / "m"), "--steps", "2", "--resolution", "48", *FAST]) == 0
+    back = trimesh.load(tmp_path / "m" / "metres.ply", process=False)
+    assert np.abs(back.vertices).max() < 1.0
+    check(["fit", str(tmp_path), str(tmp_path / "nan.xyz"), "--out", str(tmp_path / "o")], "folder")
+    check(["decode", model, str(tmp_path / "nothing.json"), "--out", str(tmp_path / "o.ply")], "does not exist")
+
+
+def test_not_our_model_and_wrong_codes_in_a_subprocess(tiny_model, tmp_path):
+    fake = tmp_path / "model.safetensors"
+    fake.write_bytes(b"this is not a safetensors file at all")
+    codes = tmp_path / "c.json"
+    codes.write_text(json.dumps({"identity": [0.0] * 40, "expression": [0.0] * 40, "detail": [0.0] * 7}))
+    r = run_cli("extract", str(fake), str(codes), "--out", str(tmp_path / "x.ply"), *FAST)
+    assert r.returncode == 2
+    one_line_error(r.stderr, "damaged")
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "other.safetensors"), metadata={"format": "pt"})
+    r = run_cli("decode", str(tmp_path / "other.safetensors"), str(codes), "--out", str(tmp_path / "x.ply"), *FAST)
+    assert r.returncode == 2
+    one_line_error(r.stderr, "not an ImFace++")
+    r = run_cli("extract", str(tiny_model.path), str(codes), "--out", str(tmp_path / "x.ply"), *FAST)
+    assert r.returncode == 2
+    one_line_error(r.stderr, "detail code has 7 values, this model expects 40")
+    assert not (tmp_path / "x.ply").exists()
