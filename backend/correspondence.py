@@ -48,26 +48,28 @@ def _as_tensor(points: np.ndarray | torch.Tensor, model: ImFacePlusPlus) -> torc
                            dtype=torch.float32, device=device).reshape(-1, 3)
 
 
-def to_canonical(model: ImFacePlusPlus, points: np.ndarray | torch.Tensor, codes: FaceCodes,
-                 neutral: bool = False, chunk: int = 65536) -> np.ndarray:
-    """Observed points (N, 3, model units) -> canonical space p' = E(p) (the identity's neutral face)."""
+def _warp(model: ImFacePlusPlus, points: np.ndarray | torch.Tensor, codes: FaceCodes, neutral: bool,
+          chunk: int, space: str) -> np.ndarray:
+    """Chunked backward warp of observed points into `space` ("canonical" or "template")."""
     check_codes(model, codes)
     x = _as_tensor(points, model)
     with torch.no_grad():
         fld = model.field(codes, neutral=neutral, frozen=True)
-        out = [fld.to_canonical(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+        warp = fld.to_canonical if space == "canonical" else fld.to_template
+        out = [warp(x[i:i + chunk]) for i in range(0, len(x), chunk)]
     return torch.cat(out).cpu().numpy() if out else np.zeros((0, 3), np.float32)
+
+
+def to_canonical(model: ImFacePlusPlus, points: np.ndarray | torch.Tensor, codes: FaceCodes,
+                 neutral: bool = False, chunk: int = 65536) -> np.ndarray:
+    """Observed points (N, 3, model units) -> canonical space p' = E(p) (the identity's neutral face)."""
+    return _warp(model, points, codes, neutral, chunk, "canonical")
 
 
 def to_template(model: ImFacePlusPlus, points: np.ndarray | torch.Tensor, codes: FaceCodes,
                 neutral: bool = False, chunk: int = 65536) -> np.ndarray:
     """Observed points (N, 3, model units) -> template space p'' = I(E(p))."""
-    check_codes(model, codes)
-    x = _as_tensor(points, model)
-    with torch.no_grad():
-        fld = model.field(codes, neutral=neutral, frozen=True)
-        out = [fld.to_template(x[i:i + chunk]) for i in range(0, len(x), chunk)]
-    return torch.cat(out).cpu().numpy() if out else np.zeros((0, 3), np.float32)
+    return _warp(model, points, codes, neutral, chunk, "template")
 
 
 def correspondence_errors(model: ImFacePlusPlus, codes: FaceCodes, points: np.ndarray,
