@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,15 +47,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    tmp = None
-    if args.model is None:
-        from tests.model_fixture import train_tiny_model
+    from tests.model_fixture import model_for_benchmark
 
-        tmp = tempfile.TemporaryDirectory(prefix="bench_decode_")
-        print("training a small model (no --model given) ...", flush=True)
-        tiny = train_tiny_model(tmp.name, threads=args.threads)
-        print(f"  done in {tiny.seconds:.0f} s")
-        args.model = str(tiny.path)
+    args.model, _, tmp = model_for_benchmark(args.model, args.threads, "decode")
     model, ck = load_model(args.model)
 
     # Template mesh of about --vertices vertices (vertex count grows with the square of the grid).

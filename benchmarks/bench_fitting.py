@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,15 +44,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    tmp = None
-    if args.model is None:
-        from tests.model_fixture import train_tiny_model
+    from tests.model_fixture import model_for_benchmark
 
-        tmp = tempfile.TemporaryDirectory(prefix="bench_fitting_")
-        print("training a small model (no --model given) ...", flush=True)
-        tiny = train_tiny_model(tmp.name, threads=args.threads)
-        print(f"  done in {tiny.seconds:.0f} s: {tiny.path}")
-        args.model, args.scans = str(tiny.path), args.scans or str(tiny.scans)
+    args.model, tiny_scans, tmp = model_for_benchmark(args.model, args.threads, "fitting")
+    args.scans = args.scans or tiny_scans
     if args.scans is None:
         ap.error("--scans is needed with --model")
     model, ck = load_model(args.model)

@@ -92,3 +92,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def trained_codes(model, ck, key: str):
+    """The trained codes of training scan `key`, and whether it is a neutral scan."""
+    from backend.editing import training_face_codes
+
+    i = [row["key"] for row in ck.dataset["scans"]].index(key)
+    row = ck.dataset["scans"][i]
+    return training_face_codes(model, i, row["identity_index"]), bool(row["neutral"])
+
+
+def model_for_benchmark(model: str | None, threads: int | None, tag: str):
+    """(model path, its training scan folder or None, temporary folder to clean up or None): the given
+    model, or a small one trained now when none is given."""
+    import tempfile
+
+    if model is not None:
+        return model, None, None
+    tmp = tempfile.TemporaryDirectory(prefix=f"bench_{tag}_")
+    print("training a small model (no --model given) ...", flush=True)
+    tiny = train_tiny_model(tmp.name, threads=threads)
+    print(f"  done in {tiny.seconds:.0f} s: {tiny.path}")
+    return str(tiny.path), str(tiny.scans), tmp

@@ -122,47 +122,47 @@ def test_scan_in_wrong_scale_is_refused(default_scans, tmp_path):
     _assert_only_bad_failed(report, failed, _key(bad), "outer eye corners", "units")
 
 
-def test_non_manifold_mesh_is_processed_with_a_warning(default_scans, tmp_path):
+def _with_extra_geometry(default_scans: Path, tmp_path: Path, extra) -> tuple[Path, dict]:
+    """A copy of the folder where scan 5 gets `extra(vertices, faces, entry) -> (vertices, faces)`.
+    The added vertices break the shared vertex count, so the folder no longer claims shared topology."""
     folder, manifest = _copy(default_scans, tmp_path)
     bad = manifest["scans"][5]
     mesh = _mesh(folder, bad)
-    vertices = np.array(mesh.vertices)
-    faces = np.array(mesh.faces)
-    # A fin: a third triangle on an existing edge, with a new vertex just behind it.
-    a, b = faces[len(faces) // 2, :2]
-    fin_vertex = (vertices[a] + vertices[b]) / 2 - [0, 0, 2.0]
-    vertices = np.vstack([vertices, fin_vertex])
-    faces = np.vstack([faces, [a, b, len(vertices) - 1]])
+    vertices, faces = extra(np.array(mesh.vertices), np.array(mesh.faces), bad)
     _write_ply(folder / bad["path"], vertices, faces)
-    manifest["shared_topology"] = False  # the fin vertex breaks the shared vertex count
+    manifest["shared_topology"] = False
     _save_manifest(folder, manifest)
+    return folder, bad
+
+
+def test_non_manifold_mesh_is_processed_with_a_warning(default_scans, tmp_path):
+    def fin(vertices, faces, _):
+        # A third triangle on an existing edge, with a new vertex just behind it.
+        a, b = faces[len(faces) // 2, :2]
+        fin_vertex = (vertices[a] + vertices[b]) / 2 - [0, 0, 2.0]
+        return np.vstack([vertices, fin_vertex]), np.vstack([faces, [a, b, len(vertices)]])
+
+    folder, bad = _with_extra_geometry(default_scans, tmp_path, fin)
     report, failed = _run(folder, tmp_path)
     assert not failed, report.summary()
     assert any("non-manifold" in w for w in report.warnings[_key(bad)])
 
 
 def test_self_intersecting_mesh_is_processed_with_a_warning(default_scans, tmp_path):
-    folder, manifest = _copy(default_scans, tmp_path)
-    bad = manifest["scans"][5]
-    mesh = _mesh(folder, bad)
-    vertices = np.array(mesh.vertices)
-    faces = np.array(mesh.faces)
-    # A flap that pierces the cheek: a quad standing across the surface, 10 mm in front and behind.
-    eye = np.array(bad["landmarks_mm"]["right_eye_outer_corner"])
-    mouth = np.array(bad["landmarks_mm"]["right_mouth_corner"])
-    cheek = vertices[np.argmin(np.linalg.norm(vertices - (eye + mouth) / 2, axis=1))]
-    flap = cheek + np.array([[-5, 0, -10], [5, 0, -10], [5, 0, 10], [-5, 0, 10]], dtype=float)
-    n = len(vertices)
-    vertices = np.vstack([vertices, flap])
-    faces = np.vstack([faces, [[n, n + 1, n + 2], [n, n + 2, n + 3]]])
-    _write_ply(folder / bad["path"], vertices, faces)
-    manifest["shared_topology"] = False  # the flap's vertices break the shared vertex count
-    _save_manifest(folder, manifest)
+    def flap(vertices, faces, entry):
+        # A quad that pierces the cheek, standing across the surface 10 mm in front and behind.
+        eye = np.array(entry["landmarks_mm"]["right_eye_outer_corner"])
+        mouth = np.array(entry["landmarks_mm"]["right_mouth_corner"])
+        cheek = vertices[np.argmin(np.linalg.norm(vertices - (eye + mouth) / 2, axis=1))]
+        quad = cheek + np.array([[-5, 0, -10], [5, 0, -10], [5, 0, 10], [-5, 0, 10]], dtype=float)
+        n = len(vertices)
+        return np.vstack([vertices, quad]), np.vstack([faces, [[n, n + 1, n + 2], [n, n + 2, n + 3]]])
+
+    folder, bad = _with_extra_geometry(default_scans, tmp_path, flap)
     report, failed = _run(folder, tmp_path)
     assert not failed, report.summary()
     assert any("self-intersecting" in w for w in report.warnings[_key(bad)])
-    # The flap is not part of the rebuilt surface: its front half is hidden from nothing, but its
-    # back half is, and the surface stays a height field either way.
+    # Rebuilt from the visible vertices, the surface stays a height field and its samples are finite.
     from safetensors.numpy import load_file
 
     samples = load_file(str(tmp_path / "out" / f"{_key(bad)}.safetensors"))

@@ -4,18 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_fixture import loaded_model, one_thread, tiny_model  # noqa: F401  (fixtures)
+from model_fixture import loaded_model, one_thread, tiny_model, trained_codes  # noqa: F401  (fixtures)
 from safetensors.numpy import load_file
 
 from backend.correspondence import (TemplateMesh, TopologyDecoder, correspondence_errors, extract_template_mesh,
                                     invert_warp, to_canonical, to_template)
-from backend.editing import interpolate, training_face_codes
-
-
-def _codes(model, ck, key: str):
-    i = [s["key"] for s in ck.dataset["scans"]].index(key)
-    row = ck.dataset["scans"][i]
-    return training_face_codes(model, i, row["identity_index"]), bool(row["neutral"])
+from backend.editing import interpolate
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +42,8 @@ def test_decoded_vertices_map_back_to_the_template(loaded_model, decoder):
     model, ck = loaded_model
     tm = decoder.template
     assert len(tm.vertices) > 5000 and np.abs(tm.template_sdf).max() < 1e-2
-    a, _ = _codes(model, ck, "id00/mouth_open")
-    b, _ = _codes(model, ck, "id01/smile")
+    a, _ = trained_codes(model, ck, "id00/mouth_open")
+    b, _ = trained_codes(model, ck, "id01/smile")
     cold = decoder.decode(a)
     assert cold.faces is tm.faces and cold.vertices.shape == tm.vertices.shape
     assert cold.converged.all() and cold.residual.max() <= 1e-4
@@ -72,7 +66,7 @@ def test_decoded_vertices_map_back_to_the_template(loaded_model, decoder):
 
 def test_decoded_mesh_lies_on_the_face_surface(loaded_model, decoder):
     model, ck = loaded_model
-    codes, neutral = _codes(model, ck, "id01/smile")
+    codes, neutral = trained_codes(model, ck, "id01/smile")
     d = decoder.decode(codes, neutral=neutral)
     with torch.no_grad():
         f = model.field(codes, neutral=neutral).sdf(torch.from_numpy(d.vertices), chunk=16384).numpy()
@@ -105,7 +99,7 @@ def test_ede_and_tde_on_training_scans(loaded_model, tiny_model):
         identity = key.split("/")[0]
         s = load_file(str(tiny_model.samples / f"{key}.safetensors"))
         n = load_file(str(tiny_model.samples / f"{identity}/neutral.safetensors"))
-        codes, neutral = _codes(model, ck, key)
+        codes, neutral = trained_codes(model, ck, key)
         valid = s["dense_valid"].astype(bool) & n["dense_valid"].astype(bool)
         results[key] = correspondence_errors(model, codes, s["dense_points"], n["dense_points"], tmpl, valid,
                                              neutral=neutral)
@@ -117,7 +111,7 @@ def test_ede_and_tde_on_training_scans(loaded_model, tiny_model):
 
 def test_backward_warps(loaded_model):
     model, ck = loaded_model
-    codes, _ = _codes(model, ck, "id01/smile")
+    codes, _ = trained_codes(model, ck, "id01/smile")
     x = np.random.default_rng(0).uniform(-0.4, 0.4, (200, 3)).astype(np.float32)
     assert np.array_equal(to_canonical(model, x, codes, neutral=True), x)
     can = to_canonical(model, x, codes)
@@ -132,7 +126,7 @@ def test_backward_warps(loaded_model):
 def test_prepared_context_gives_the_same_field(loaded_model):
     """ImFacePlusPlus.prepare / field: the per-codes work once, identical values, gradients to codes."""
     model, ck = loaded_model
-    codes, _ = _codes(model, ck, "id01/smile")
+    codes, _ = trained_codes(model, ck, "id01/smile")
     x = torch.rand(1, 300, 3) - 0.5
     with torch.no_grad():
         ctx = model.prepare(codes)

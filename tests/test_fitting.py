@@ -7,10 +7,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from model_fixture import loaded_model, one_thread, tiny_model  # noqa: F401  (fixtures)
+from model_fixture import loaded_model, one_thread, tiny_model, trained_codes  # noqa: F401  (fixtures)
 from scipy.spatial import cKDTree
 
-from backend.editing import mean_codes, training_face_codes
+from backend.editing import mean_codes
 from backend.evaluate import reconstruction_metrics
 from backend.fitting import (FitInputError, FitSchedule, FitStage, extract_face_mesh, fit, simulate_depth_view,
                              target_from_point_cloud, target_from_scan)
@@ -24,12 +24,6 @@ RES = 112
 def _scan(tiny_model, key: str = KEY):
     folder = load_scan_folder(tiny_model.scans)
     return load_scan(next(e for e in folder.entries if e.key == key))
-
-
-def _trained(model, ck, key: str):
-    i = [s["key"] for s in ck.dataset["scans"]].index(key)
-    row = ck.dataset["scans"][i]
-    return training_face_codes(model, i, row["identity_index"]), bool(row["neutral"])
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def _chamfer(model, codes, target, neutral=False) -> float:
 def test_fit_of_a_training_scan_reaches_its_trained_codes(loaded_model, scan_target):
     model, ck = loaded_model
     scan, target = scan_target
-    trained, neutral = _trained(model, ck, KEY)
+    trained, neutral = trained_codes(model, ck, KEY)
     steps = []
     result = fit(model, target, progress=lambda s, n, losses: steps.append((s, n, losses["total"])))
     rep = result.report
@@ -76,7 +70,7 @@ def test_results_come_back_in_the_scans_own_frame(loaded_model, tiny_model):
     scan.vertices = scan.vertices @ rot.T + shift
     scan.landmarks = scan.landmarks @ rot.T + shift
     target = target_from_scan(scan, n_near=2000, n_uniform=500, n_surface=1000)
-    trained, neutral = _trained(model, ck, KEY)
+    trained, neutral = trained_codes(model, ck, KEY)
     v, f = extract_face_mesh(model, trained, 96, neutral=neutral, normalized_from_scan=target.normalized_from_scan)
     d, _ = cKDTree(scan.vertices).query(v[np.linalg.norm(v - scan.landmarks[2], axis=1) < 60])
     assert np.median(d) < 2.0  # mm: on the moved scan, not at the origin
@@ -102,7 +96,7 @@ def test_partial_depth_view(loaded_model, tiny_model):
         pred, _ = sample_surface((v, f), 200_000, seed=2)
         return float(cKDTree(pred).query(gt)[0].mean())
 
-    trained, neutral = _trained(model, ck, KEY)
+    trained, neutral = trained_codes(model, ck, KEY)
     c_fit, c_mean = completeness(result.codes), completeness(mean_codes(model))
     c_trained = completeness(trained, neutral)
     assert c_fit < 0.8 * c_mean, (c_fit, c_mean, c_trained)
