@@ -24,7 +24,6 @@ Residuals (|I(E(x)) - v''| per vertex) are reported; vertices above `flag_tolera
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -277,13 +276,12 @@ def extract_template_mesh(model: ImFacePlusPlus, resolution: int = 160, crop_mm:
     from backend.geometry.extraction import extract_mesh
 
     device = next(model.parameters()).device
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # sign corrections far from the face: not worth a warning
+    with torch.no_grad():
 
         def tsdf(p: torch.Tensor) -> torch.Tensor:
             return model.template_sdf(p.unsqueeze(0))[0]
 
-        vertices, faces = extract_mesh(tsdf, resolution=resolution, device=device, band=2.0)
+        vertices, faces = extract_mesh(tsdf, resolution=resolution, device=device)
     if len(faces) == 0:
         raise RuntimeError("the template SDF has no surface: is this a trained model?")
     keep_v = np.linalg.norm(vertices, axis=1) <= radius

@@ -32,7 +32,6 @@ import contextlib
 import math
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -497,23 +496,20 @@ def fit(model: ImFacePlusPlus, target: FitTarget, schedule: FitSchedule | None =
 
 def extract_face_mesh(model: ImFacePlusPlus, codes: FaceCodes, resolution: int = 256, *,
                       neutral: bool = False, normalized_from_scan: np.ndarray | None = None,
-                      with_detail: bool = True, chunk: int = 65536, band: float = 2.0,
-                      return_stats: bool = False):
+                      with_detail: bool = True, chunk: int = 65536, return_stats: bool = False):
     """Marching cubes of the face (narrow band, `backend.geometry.extraction.extract_mesh`).
 
     Vertices come back in the scan's own frame and units when `normalized_from_scan` is given (the
     inverse of the stored transform), else in the model frame in mm. Returns (vertices, faces[, stats]).
-    The band (assumed Lipschitz bound) is 2: learned SDFs are only roughly 1-Lipschitz."""
+    The mesh is the dense grid's (the extraction follows the surface wherever the learned SDF breaks
+    the narrow band's Lipschitz assumption; see the stats' sign_violations and closure_queries)."""
     from backend.geometry.extraction import extract_mesh, to_scan_frame
 
     check_codes(model, codes)
-    with torch.no_grad(), warnings.catch_warnings():
-        # Sign corrections are counted in stats.sign_violations; far from the face a learned SDF is
-        # not Lipschitz and the warning would only be noise for a user.
-        warnings.simplefilter("ignore", UserWarning)
+    with torch.no_grad():
         fld = model.field(codes.detach(), neutral=neutral, frozen=True)
         out = extract_mesh(lambda p: fld.sdf(p, with_detail=with_detail, chunk=chunk), resolution=resolution,
-                           chunk=chunk, inference_mode=False, return_stats=True, band=band,
+                           chunk=chunk, inference_mode=False, return_stats=True,
                            device=next(model.parameters()).device)
     vertices, faces, stats = out
     if normalized_from_scan is not None:

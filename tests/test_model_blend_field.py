@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from backend.model.blend_field import BlendField, encoding_dim, positional_encoding, siren_uniform_bound
+from backend.model.blend_field import BlendField, encoding_dim, siren_uniform_bound
 
 K = 5
 

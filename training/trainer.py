@@ -722,12 +722,8 @@ def _extract(fn: Callable[[torch.Tensor], torch.Tensor], resolution: int, chunk:
         extract_mesh = None
     if extract_mesh is not None:
         # inference_mode off: with DetailNet the SDF takes a gradient of the base field internally.
-        # band 2: a young network is far from 1-Lipschitz away from the face; a preview does not need
-        # the exactness guarantee, so its warning about contradicted certificates is silenced.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            v, f = extract_mesh(lambda p: fn(p.unsqueeze(0))[0], resolution=resolution, chunk=chunk,
-                                device=device, inference_mode=False, band=2.0)
+        v, f = extract_mesh(lambda p: fn(p.unsqueeze(0))[0], resolution=resolution, chunk=chunk,
+                            device=device, inference_mode=False)
         return (v, f) if len(f) else None
     from .preview import marching_cubes, sample_grid_sdf
 

@@ -16,28 +16,35 @@ function at a small fraction of the points. How:
 * A cell at a coarse level is dropped when all its corners have the same sign and bounds above
   L·half its diagonal: every point of the cell lies within half a diagonal of a corner, so the whole
   cell then has that sign and no surface. Kept cells are refined.
-* At the finest level, a grid cell reaches marching cubes with a sign change only if the signs of its
-  corners differ; those signs are exact or certified, i.e. the dense grid's signs, so exactly the
-  dense grid's sign-change cells are found and all their corners are evaluated exactly. Every other
-  point gets a value of its certified sign (or its dropped ancestor cell's sign), so marching cubes
-  sees no crossing there, as in the dense grid, and identical numbers in every cell that has one.
-  skimage's Lewiner marching cubes places vertices from the 8 values of their own cell only, so
-  vertices and faces are identical to the dense result.
+* At the finest level every grid point has an exact value, a certified sign, or the sign of the
+  dropped cell it lies in. Marching cubes' volume is assembled from these (level ± h for the signs),
+  and every cell of it whose corners are not all on one side gets its corners evaluated exactly
+  (`_close_crossings`). For a `band`-Lipschitz function those are exactly the dense grid's
+  sign-change cells; every other cell sees no crossing, as in the dense grid. skimage's Lewiner
+  marching cubes places vertices from the 8 values of their own cell only, so vertices and faces
+  are identical to the dense result.
+* A learned SDF is not Lipschitz everywhere (ImFace++'s Eikonal loss only pulls |∇f| towards 1), so
+  some certified signs are wrong. An exact value that contradicts one makes the cells around it
+  cross, and `_close_crossings` keeps evaluating the corners of crossing cells until none is left
+  unevaluated: it follows the dense grid's surface across every cell face that really crosses the
+  level. Every connected piece of the dense surface that the narrow band touched therefore comes out
+  whole and identical; only a piece that no kept cell reached could be missed. On a trained cpu-preset
+  model (`benchmarks/bench_extraction.py --checkpoint ...`) the meshes are identical at 128³ and 256³
+  although thousands of certificates are wrong, mostly far from the face.
 
 Outside the sampling sphere the model is undefined (ImFace++ crops everything to the unit sphere);
 with `outside_positive=True` (default) points with |p| > radius are not queried and get the value
 level + (|p| - radius), the distance to the ball: positive, and it can never certify a wrong sign for
 a point inside (|c| - r <= |q - c| for q in the ball), so the argument above still holds (L >= 1).
 
-The result is exact as long as the function really is `band`-Lipschitz. A learned SDF only
-approximately is, so `band` defaults to 1.25; any sign a bound got wrong that is later evaluated is
-counted in `stats.sign_violations` (then raise `band`).
+`band` defaults to 1.25: with the surface-following step above a larger band costs more queries
+than it saves. Certificates found wrong are counted in `stats.sign_violations`, and the queries spent
+following surface that they had hidden in `stats.closure_queries`.
 """
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,6 +68,7 @@ class ExtractionStats:
     kept_cells: int = 0          # finest-level cells handed to marching cubes with a sign change
     dense_points: int = 0        # resolution³, for ratios
     sign_violations: int = 0     # certified signs contradicted by an evaluation (band too small)
+    closure_queries: int = 0     # queries spent following surface that the certificates had missed
     levels: list[dict] = field(default_factory=list)  # per refinement level: stride, kept cells, queries
 
 
@@ -252,7 +260,8 @@ def extract_mesh(
     band: assumed Lipschitz bound of the SDF (>= 1): the safety margin of every certificate.
     outside_positive: points outside the sphere of `radius` are outside (not queried).
     Returns (vertices (V, 3) float32 in the SDF's units, faces (F, 3) int64[, ExtractionStats]),
-    identical to `extract_mesh_dense` for a `band`-Lipschitz function.
+    identical to `extract_mesh_dense` for a `band`-Lipschitz function, and for any other function on
+    every connected piece of surface that the narrow band reaches.
     Memory: about 11 bytes per grid point (~180 MB at 256³) for the bookkeeping grids and marching
     cubes' volume, plus one chunk of points in the SDF."""
     if coarse < 1 or coarse & (coarse - 1):
@@ -302,7 +311,6 @@ def extract_mesh(
     dropped = [(s, cells[~keep], np.sign(csb[~keep, 0]).astype(np.int8))]  # (stride, origins, sign)
     cells = cells[keep]
     stats.levels.append({"stride": s, "queries": stats.queries, "kept_cells": int(len(cells))})
-    crossing_corners: list[np.ndarray] = []
 
     while s > 1 and len(cells):
         # Refine the kept cells (stride 2s) into their child grid (stride s). Pass 1, in three rounds
@@ -334,48 +342,26 @@ def extract_mesh(
                 todo.append(lin[~cert])
             todo = unique(np.concatenate(todo))
             evaluate_into(todo[np.isnan(sb[todo])])
+        record = {"stride": s, "parent_cells": int(len(cells)), "queries": stats.queries - q_before}
+        stats.levels.append(record)
+        if s == 1:
+            break  # every finest cell's corners are known now: _close_crossings takes it from here
         # Pass 2: classify the child cells from their (now known) corners.
         thr = lip * h * s * math.sqrt(3) / 2
         children, gone_cells, gone_signs = [], [], []
         for a in range(0, len(cells), _BLOCK):
             origins = cells[a:a + _BLOCK]
-            lin27 = _points27(origins, s, n)
-            csb = sb[lin27][:, _CHILD_CORNERS]                         # (b, 8 children, 8 corners)
+            csb = sb[_points27(origins, s, n)][:, _CHILD_CORNERS]      # (b, 8 children, 8 corners)
             child = origins[:, None, :] + s * _CUBE2[None]             # (b, 8, 3)
             exists = (child < n - 1).all(2)
-            if s == 1:
-                # Finest cells: a crossing exactly where the dense grid has one (the same above/below
-                # flags as Lewiner's `value - level > 0`, from exact values or certified signs).
-                above = csb > 0
-                crossing = exists & above.any(2) & ~above.all(2)
-                crossing_corners.append(lin27[:, _CHILD_CORNERS][crossing])
-                continue
             keep = _keep_cells(csb.reshape(-1, 8), thr).reshape(exists.shape)
             gone = exists & ~keep
             gone_cells.append(child[gone])
             gone_signs.append(np.sign(csb[gone][:, 0]).astype(np.int8))
             children.append(child[exists & keep])
-        record = {"stride": s, "parent_cells": int(len(cells)), "queries": stats.queries - q_before}
-        if s > 1:
-            dropped.append((s, np.concatenate(gone_cells), np.concatenate(gone_signs)))
-            cells = np.concatenate(children)
-            record["kept_cells"] = int(len(cells))
-        stats.levels.append(record)
-
-    # Corners of the crossing cells that were only certified: evaluate them exactly.
-    corners = np.concatenate(crossing_corners) if crossing_corners else np.zeros((0, 8), np.int64)
-    stats.kept_cells = int(len(corners))
-    need = unique(corners.reshape(-1))
-    need = need[~exact[need]]
-    q_before = stats.queries
-    certified_sign = np.sign(sb[need])
-    evaluate_into(need)
-    stats.sign_violations += int(np.count_nonzero(np.sign(sb[need]) * certified_sign < 0))
-    stats.levels.append({"stride": 1, "crossing_cells": stats.kept_cells, "queries": stats.queries - q_before})
-    if stats.sign_violations:
-        warnings.warn(f"extract_mesh: {stats.sign_violations} certified signs were contradicted; the SDF "
-                      f"is not {band}-Lipschitz here, raise `band` for a result equal to the dense grid")
-    del sb, exact, mark
+        dropped.append((s, np.concatenate(gone_cells), np.concatenate(gone_signs)))
+        cells = np.concatenate(children)
+        record["kept_cells"] = int(len(cells))
 
     # Marching cubes' volume: level ± h with the sign of each point's dropped ancestor cell, then the
     # certified signs, then the exact values (which win where a point has several).
@@ -392,11 +378,66 @@ def extract_mesh(
     if unset.any():  # cannot happen by construction; a loud failure beats a silently wrong mesh
         raise RuntimeError(f"extract_mesh: {int(unset.sum())} grid points got no value")
     del unset
+    sb = mark = certified = evaluated = None  # noqa: F841 (frees ~80 MB at 256³; closures still name them)
+    _close_crossings(vol, exact, grid, stats)
+    exact = None  # noqa: F841
     t1 = time.perf_counter()
     vertices, faces = _march(vol.reshape(n, n, n), grid)
     stats.seconds_marching = time.perf_counter() - t1
     stats.seconds = time.perf_counter() - t0
     return (vertices, faces, stats) if return_stats else (vertices, faces)
+
+
+def _close_crossings(vol: np.ndarray, exact: np.ndarray, grid: _Grid, stats: ExtractionStats) -> None:
+    """Make every cell that marching cubes will see crossing the level have 8 exact corners.
+
+    Start from all crossing cells of the assembled volume (exact values, certified and dropped signs);
+    evaluate their corners that are not exact, then re-check the cells around each newly evaluated
+    point, until no crossing cell has a corner left to evaluate. When a certified sign was wrong, the
+    new exact value makes the cells beside it cross, so the loop follows the dense grid's surface
+    across every face it really crosses (the 4 corners of such a face are exact, so the cell behind it
+    crosses in both grids): each connected piece of the dense surface that the narrow band reached
+    comes out whole and identical. Updates `vol`, `exact` and `stats` in place."""
+    n, lvl = grid.n, np.float32(grid.level)
+    m = n - 1
+    off8 = _lin(_CUBE2, n)
+    flat = np.flatnonzero(_crossing(vol, n, lvl))                      # cells, indexed in the m³ grid
+    cells = _lin(np.stack([flat // (m * m), (flat // m) % m, flat % m], 1), n)  # their corner-0 point
+    record = {"stride": 1, "crossing_cells": int(len(cells)), "queries": 0, "rounds": 0}
+    stats.levels.append(record)
+    q_start = stats.queries
+    while len(cells):
+        corners = cells[:, None] + off8[None]
+        need = np.unique(corners[~exact[corners]])
+        if not len(need):
+            break
+        q_before = stats.queries
+        vals = _evaluate(grid, need)
+        stats.sign_violations += int(np.count_nonzero((vol[need] > lvl) != (vals > lvl)))
+        vol[need], exact[need] = vals, True
+        if record["rounds"]:  # rounds after the first follow surface that the certificates missed
+            stats.closure_queries += stats.queries - q_before
+        record["rounds"] += 1
+        # The cells that have a newly evaluated corner: the only ones whose crossing can have changed.
+        idx = np.stack([need // (n * n), (need // n) % n, need % n], 1)
+        around = idx[:, None, :] - _CUBE2[None]
+        around = np.unique(_lin(around[((around >= 0) & (around < m)).all(2)], n))
+        above = vol[around[:, None] + off8[None]] > lvl
+        cells = around[above.any(1) & ~above.all(1)]
+    record["queries"] = stats.queries - q_start
+    stats.kept_cells = int(np.count_nonzero(_crossing(vol, n, lvl)))
+
+
+def _crossing(vol: np.ndarray, n: int, lvl: np.float32) -> np.ndarray:
+    """Flags (m³, m = n - 1) of the cells whose corners are not all on one side of the level."""
+    m = n - 1
+    a = vol.reshape(n, n, n) > lvl
+    any_above, all_above = a[:-1, :-1, :-1].copy(), a[:-1, :-1, :-1].copy()
+    for dx, dy, dz in _CUBE2[1:]:
+        part = a[dx:dx + m, dy:dy + m, dz:dz + m]
+        any_above |= part
+        all_above &= part
+    return (any_above & ~all_above).reshape(-1)
 
 
 def _keep_cells(corner_sb: np.ndarray, threshold: float) -> np.ndarray:
