@@ -13,8 +13,10 @@ the shared template space with IDNet, p'' = I(p') (§3.1). Both are backward war
   iterations: the 3x3 Jacobian of the warp at every vertex from autograd once (three backward passes,
   all vertices at a time), then Broyden updates of its inverse that need only forward evaluations,
   and only the vertices not converged yet are evaluated. Solutions and inverse Jacobians are kept:
-  the next codes start from them (warm start); an unchanged identity code reuses the whole first
-  inversion, an unchanged detail code its displacements.
+  the next codes start from them (warm start), moved along the last step in proportion to how far
+  the codes move in the same direction (a secant predictor: along a timeline the start is then off
+  by O(Δc²), not O(Δc)); an unchanged identity code reuses the whole first inversion, an unchanged
+  detail code its displacements.
 * The base surface is f̂ = T(p'') + δ(p'), so a placed vertex is moved along the normal by the base
   SDF value T(v'') + δ, then by the detail displacement d(v'') of eq. 7 (f(p) ≈ f̂(p) + d near the
   surface): x_final = x - (T(v'') + δ + d) n.
@@ -341,20 +343,50 @@ def _key(t: torch.Tensor) -> bytes:
     return t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
 
 
+def _remember(history: list[tuple[torch.Tensor, torch.Tensor]], code: torch.Tensor,
+              x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The last two (code, solution) pairs."""
+    return (history + [(code.detach().clone(), x)])[-2:]
+
+
+def _secant_guess(history: list[tuple[torch.Tensor, torch.Tensor]], code: torch.Tensor,
+                  x_prev: torch.Tensor) -> torch.Tensor:
+    """Starting point for the inversion at `code`, from the last two solutions (a secant predictor).
+
+    To first order x(c) moves by (dx/dc)·Δc. The last step tells dx/dc along one direction only, the
+    last code change, so the new change is projected on it: x0 = x_prev + a (x_prev - x_before),
+    a = <Δc_new, Δc_last> / |Δc_last|². Along a timeline or an interpolation (codes moving on a line
+    or a smooth curve) a ≈ 1 and the guess is off by O(Δc²) instead of O(Δc); for an unrelated
+    jump a ≈ 0 and it falls back to the previous solution."""
+    if len(history) < 2:
+        return x_prev
+    (c_before, x_before), (c_last, _) = history
+    last = c_last - c_before
+    denom = float((last * last).sum())
+    if denom == 0.0:
+        return x_prev
+    a = float(((code - c_last) * last).sum()) / denom
+    a = min(max(a, -1.0), 2.0)  # beyond that the linear picture means little; keep the step modest
+    return x_prev + a * (x_prev - x_before)
+
+
 class TopologyDecoder:
     """Codes -> mesh with the template's vertex order, by inverting the backward warps per vertex.
 
     Keep one decoder per model and call `decode` for every new set of codes (a timeline, an
-    interpolation, a fit): each call warm-starts from the previous one. Thread-unsafe by design.
+    interpolation, a fit): each call warm-starts from the previous one, from a secant prediction
+    along the last code change when there is one (`_secant_guess`). Thread-unsafe by design.
     """
 
     def __init__(self, model: ImFacePlusPlus, template: TemplateMesh | None = None, resolution: int = 160,
-                 tolerance: float = 1e-5, flag_tolerance: float = 1e-4, max_iters: int = 40) -> None:
+                 tolerance: float = 1e-5, flag_tolerance: float = 1e-4, max_iters: int = 40,
+                 secant_predictor: bool = True) -> None:
         self.model = model
         self.template = template if template is not None else extract_template_mesh(model, resolution)
         self.tolerance = tolerance
         self.flag_tolerance = flag_tolerance
         self.max_iters = max_iters
+        self.secant_predictor = secant_predictor  # off: start from the previous solution (benchmarks)
         dev = next(model.parameters()).device
         self.device = dev
         self._v = torch.from_numpy(self.template.vertices).to(dev)
@@ -364,6 +396,9 @@ class TopologyDecoder:
         self._exp: Inversion | None = None                     # last expression stage (warm start)
         self._exp_target: torch.Tensor | None = None           # the canonical positions it solved for
         self._detail: tuple[bytes, torch.Tensor] | None = None
+        # The last two solutions of each stage with their codes: the secant predictor's history.
+        self._id_hist: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._exp_hist: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def faces(self) -> np.ndarray:
@@ -372,6 +407,7 @@ class TopologyDecoder:
     def reset(self) -> None:
         """Forget the warm-start state (the next decode starts cold)."""
         self._id = self._exp = self._exp_target = self._detail = None
+        self._id_hist, self._exp_hist = [], []
 
     def decode(self, codes: FaceCodes, neutral: bool = False, warm_start: bool = True) -> DecodedMesh:
         check_codes(self.model, codes)
@@ -395,10 +431,12 @@ class TopologyDecoder:
                 return torch.cat((t[0], d[0].unsqueeze(-1)), dim=1)
 
             prev = self._id[1] if (self._id is not None and warm_start) else None
-            x0 = prev.x if prev is not None else self._v
+            x0 = self._v if prev is None else _secant_guess(self._id_hist, codes.identity[0], prev.x)
             inv_i = invert_warp(warp_i, self._v, x0, None if prev is None else prev.jinv,
                                 self.tolerance, self.max_iters)
             self._id = (id_key, inv_i)
+            if self.secant_predictor:
+                self._id_hist = _remember(self._id_hist if warm_start else [], codes.identity[0], inv_i.x)
             stats.update(identity_iterations=inv_i.iterations, identity_evaluations=inv_i.evaluations,
                          identity_jacobians=inv_i.jacobians)
         t1 = time.perf_counter()
@@ -412,8 +450,11 @@ class TopologyDecoder:
                 return m.expression_warp(p.unsqueeze(0), ctx)[0]
 
             prev = self._exp if warm_start else None
+            both = torch.cat((codes.identity[0], codes.expression[0]))  # x depends on both codes
             if prev is None:
                 x0 = inv_i.x
+            elif len(self._exp_hist) == 2:
+                x0 = _secant_guess(self._exp_hist, both, prev.x)
             else:
                 # E is close to a rigid motion locally: when the canonical target moved (a new
                 # identity), move the previous solution with it.
@@ -421,6 +462,8 @@ class TopologyDecoder:
             inv_e = invert_warp(warp_e, inv_i.x, x0, None if prev is None else prev.jinv,
                                 self.tolerance, self.max_iters)
             self._exp, self._exp_target = inv_e, inv_i.x
+            if self.secant_predictor:
+                self._exp_hist = _remember(self._exp_hist if warm_start else [], both, inv_e.x)
             x = inv_e.x
             res_e = inv_e.residual
             stats.update(expression_iterations=inv_e.iterations, expression_evaluations=inv_e.evaluations,

@@ -64,6 +64,26 @@ def test_decoded_vertices_map_back_to_the_template(loaded_model, decoder):
     assert not np.allclose(other.vertices, cold.vertices)
 
 
+def test_secant_predictor_starts_a_timeline_closer(loaded_model, decoder):
+    # Along an interpolation the predicted start is off by O(Δc²): fewer warp evaluations per frame
+    # than starting from the previous solution, and the same converged result.
+    model, ck = loaded_model
+    a, _ = trained_codes(model, ck, "id00/mouth_open")
+    b, _ = trained_codes(model, ck, "id01/smile")
+    frames = [interpolate(a, b, t) for t in np.linspace(0.0, 1.0, 7)]
+    plain = TopologyDecoder(model, decoder.template, secant_predictor=False)
+    evals = {}
+    for name, dec in (("secant", TopologyDecoder(model, decoder.template)), ("plain", plain)):
+        out = [dec.decode(c) for c in frames]
+        assert all(o.residual.max() <= 1e-4 for o in out)
+        evals[name] = sum(o.stats["identity_evaluations"] + o.stats["expression_evaluations"] for o in out[3:])
+        last = out[-1].vertices
+        if name == "secant":
+            secant_last = last
+    assert evals["secant"] < evals["plain"], evals
+    assert np.abs(secant_last - last).max() < 5e-4  # both within tolerance of the same solution
+
+
 def test_decoded_mesh_lies_on_the_face_surface(loaded_model, decoder):
     model, ck = loaded_model
     codes, neutral = trained_codes(model, ck, "id01/smile")
