@@ -1,7 +1,7 @@
 """Subcommands of `imface` that use a trained model (fit, extract, decode, evaluate).
 
     imface fit MODEL SCAN_FOLDER_OR_MESH_OR_CLOUD --out DIR [--landmarks FILE] [--camera X,Y,Z]
-    imface extract MODEL CODES.json --out mesh.ply [--resolution 256]
+    imface extract MODEL CODES.json --out mesh.ply [--resolution 256] [--template-coords coords.npy]
     imface decode MODEL CODES.json --out mesh.ply          (template topology: fixed vertex order)
     imface evaluate MODEL SCAN_FOLDER --out table.md       (+ table.csv)
 
@@ -336,18 +336,32 @@ def _frame(args: argparse.Namespace, entry: Any) -> np.ndarray | None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from backend.fitting import extract_face_mesh
+    from backend.fitting import MM_PER_UNIT, extract_face_mesh
+    from backend.geometry.extraction import to_scan_frame
 
     model, _, fingerprint = _load_model(args.model)
     entry = _load_codes(args.codes, model, fingerprint, args)
     _say(args, f"extracting the surface ({args.resolution}³ grid, narrow band) ...")
     t0 = time.perf_counter()
-    v, f = extract_face_mesh(model, entry.codes, args.resolution, neutral=entry.neutral,
-                             normalized_from_scan=_frame(args, entry), with_detail=not args.no_detail)
+    frame = _frame(args, entry)
+    v_model, f = extract_face_mesh(model, entry.codes, args.resolution, neutral=entry.neutral,
+                                   with_detail=not args.no_detail)  # model frame, mm
     if len(f) == 0:
         raise CommandError("the codes give no surface (is this a trained model?)")
+    v = v_model if frame is None else to_scan_frame(v_model / MM_PER_UNIT, normalized_from_scan=frame)
     out = _write_mesh(Path(args.out), v, f)
     print(f"{len(v):,} vertices, {len(f):,} triangles ({args.resolution}³, {time.perf_counter() - t0:.1f} s) -> {out}")
+    if args.template_coords:
+        from backend.correspondence import to_template
+
+        # Row i: where vertex i lands in the shared template space (model units), e.g. to transfer
+        # UVs or masks painted once on the template to any extracted face.
+        tpl = to_template(model, v_model / MM_PER_UNIT, entry.codes, neutral=entry.neutral).astype(np.float32)
+        path = Path(args.template_coords)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            np.save(fh, tpl, allow_pickle=False)
+        print(f"template-space coordinates ({len(tpl):,} x 3, model units) -> {path}")
     return 0
 
 
@@ -461,6 +475,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="mesh file (.ply, .obj, .stl)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--no-detail", action="store_true", help="the base surface (no DetailNet)")
+    p.add_argument("--template-coords", metavar="PATH.npy",
+                   help="also write each vertex's template-space coordinates (V x 3 float32, model units)")
     frame(p)
     common(p)
     p.set_defaults(func=_guard(_cmd_extract))

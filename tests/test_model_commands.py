@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from model_fixture import one_thread, tiny_model  # noqa: F401  (fixtures)
 
 from backend.cli import main
@@ -61,12 +62,34 @@ def test_fit_writes_codes_mesh_report(fitted, tiny_model):
     assert np.linalg.norm(reg.vertices - scan.landmarks[2], axis=1).min() < 3.0
 
 
+def _model_frame(codes_json: Path, vertices_mm: np.ndarray) -> np.ndarray:
+    """Scan-frame mm -> model units, with the transform the fitted codes carry."""
+    t = np.array(json.loads(codes_json.read_text())["normalized_from_scan"], dtype=np.float64)
+    return vertices_mm @ t[:3, :3].T + t[:3, 3]
+
+
 def test_extract_and_decode_commands(fitted, tiny_model, tmp_path):
     codes = fitted / "id01__smile.codes.json"
     r = run_cli("extract", str(tiny_model.path), str(codes), "--out", str(tmp_path / "x.ply"), "--resolution", "64",
-                *FAST)
+                "--template-coords", str(tmp_path / "x_template.npy"), *FAST)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "x.ply").is_file() and "vertices" in r.stdout
+    import trimesh
+
+    from training.checkpoint import load_model
+
+    x = trimesh.load(tmp_path / "x.ply", process=False)
+    tc = np.load(tmp_path / "x_template.npy", allow_pickle=False)
+    assert tc.shape == x.vertices.shape and np.isfinite(tc).all()
+    # The extracted surface is f̂ = T(p'') + δ = 0 (+ detail): on the face, where the model was
+    # trained and δ is small, its template coordinates lie on the template surface (model units;
+    # 0.01 = 1 mm). Face: within 60 mm of the nose tip, which preprocessing puts at (0, 0, 0.4).
+    model, _ = load_model(tiny_model.path)
+    with torch.no_grad():
+        t_sdf = model.template_sdf(torch.from_numpy(tc)[None])[0].numpy()
+    face = np.linalg.norm(_model_frame(fitted / "id01__smile.codes.json", x.vertices) - [0, 0, 0.4], axis=1) < 0.6
+    assert face.sum() > 500
+    assert np.median(np.abs(t_sdf[face])) < 0.01, np.percentile(np.abs(t_sdf[face]), [50, 90])
     r = run_cli("decode", str(tiny_model.path), str(codes), "--out", str(tmp_path / "d.ply"), "--resolution", "64",
                 "--save-template", str(tmp_path / "t.ply"), *FAST)
     assert r.returncode == 0, r.stderr
