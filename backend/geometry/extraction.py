@@ -90,8 +90,7 @@ class _Grid:
         self._inside: np.ndarray | None = None
 
     def points(self, lin: np.ndarray) -> np.ndarray:
-        n = self.n
-        return np.stack([self.axis[lin // (n * n)], self.axis[(lin // n) % n], self.axis[lin % n]], axis=1)
+        return self.axis[_unlin(lin, self.n)]
 
     def evaluate(self, lin: np.ndarray) -> np.ndarray:
         """Values (float32) at the grid points given by linear index: one chunk (use `_evaluate`)."""
@@ -225,6 +224,11 @@ _BLOCK = 16384  # parent cells per block: bounds the (block, targets, sources) t
 
 def _lin(idx: np.ndarray, n: int) -> np.ndarray:
     return (idx[..., 0] * n + idx[..., 1]) * n + idx[..., 2]
+
+
+def _unlin(lin: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of `_lin`: linear indices -> (K, 3) grid indices."""
+    return np.stack([lin // (n * n), (lin // n) % n, lin % n], axis=1)
 
 
 def _points27(origins: np.ndarray, s: int, n: int) -> np.ndarray:
@@ -401,8 +405,8 @@ def _close_crossings(vol: np.ndarray, exact: np.ndarray, grid: _Grid, stats: Ext
     n, lvl = grid.n, np.float32(grid.level)
     m = n - 1
     off8 = _lin(_CUBE2, n)
-    flat = np.flatnonzero(_crossing(vol, n, lvl))                      # cells, indexed in the m³ grid
-    cells = _lin(np.stack([flat // (m * m), (flat // m) % m, flat % m], 1), n)  # their corner-0 point
+    crossing = _crossing(vol, n, lvl)                                  # flags of the m³ cells, kept current
+    cells = _lin(_unlin(np.flatnonzero(crossing), m), n)               # their corner-0 grid points
     record = {"stride": 1, "crossing_cells": int(len(cells)), "queries": 0, "rounds": 0}
     stats.levels.append(record)
     q_start = stats.queries
@@ -419,13 +423,14 @@ def _close_crossings(vol: np.ndarray, exact: np.ndarray, grid: _Grid, stats: Ext
             stats.closure_queries += stats.queries - q_before
         record["rounds"] += 1
         # The cells that have a newly evaluated corner: the only ones whose crossing can have changed.
-        idx = np.stack([need // (n * n), (need // n) % n, need % n], 1)
-        around = idx[:, None, :] - _CUBE2[None]
-        around = np.unique(_lin(around[((around >= 0) & (around < m)).all(2)], n))
-        above = vol[around[:, None] + off8[None]] > lvl
-        cells = around[above.any(1) & ~above.all(1)]
+        around = _unlin(need, n)[:, None, :] - _CUBE2[None]
+        around = np.unique(_lin(around[((around >= 0) & (around < m)).all(2)], m))
+        points = _lin(_unlin(around, m), n)
+        above = vol[points[:, None] + off8[None]] > lvl
+        crossing[around] = now = above.any(1) & ~above.all(1)
+        cells = points[now]
     record["queries"] = stats.queries - q_start
-    stats.kept_cells = int(np.count_nonzero(_crossing(vol, n, lvl)))
+    stats.kept_cells = int(np.count_nonzero(crossing))
 
 
 def _crossing(vol: np.ndarray, n: int, lvl: np.float32) -> np.ndarray:
