@@ -38,6 +38,16 @@ def ms(seconds: float) -> str:
     return f"{1e3 * seconds:8.1f} ms"
 
 
+def play(decoder: TopologyDecoder, frames: list) -> tuple[list[float], list]:
+    """Decode the frames in order (each warm-starting from the last): seconds per frame, the meshes."""
+    seconds, decoded = [], []
+    for codes in frames:
+        t = time.perf_counter()
+        decoded.append(decoder.decode(codes))
+        seconds.append(time.perf_counter() - t)
+    return seconds, decoded
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="trained model.safetensors (default: train a small one first)")
@@ -79,12 +89,8 @@ def main() -> None:
     # The straightforward warm start, for the ratio: each frame starts from the previous solution.
     plain = TopologyDecoder(model, template, secant_predictor=False)
     plain.decode(a1)
-    plain_e, plain_i = [], []
-    for frames, sink in ((expr_frames[1:], plain_e), (id_frames[1:], plain_i)):
-        for c in frames:
-            t = time.perf_counter()
-            plain.decode(c)
-            sink.append(time.perf_counter() - t)
+    plain_e, _ = play(plain, expr_frames[1:])
+    plain_i, _ = play(plain, id_frames[1:])
 
     dec = TopologyDecoder(model, template)
     colds = []
@@ -95,15 +101,11 @@ def main() -> None:
         colds.append(time.perf_counter() - t)
     dec.reset()
     dec.decode(a1)
-    warm_e, warm_i, worst = [], [], 0.0
-    unconverged = 0
-    for frames, sink in ((expr_frames[1:], warm_e), (id_frames[1:], warm_i)):
-        for c in frames:
-            t = time.perf_counter()
-            d = dec.decode(c)
-            sink.append(time.perf_counter() - t)
-            worst = max(worst, float(d.residual.max()))
-            unconverged += d.n_unconverged
+    warm_e, decoded_e = play(dec, expr_frames[1:])
+    warm_i, decoded_i = play(dec, id_frames[1:])
+    worst = max(float(d.residual.max()) for d in decoded_e + decoded_i)
+    unconverged = sum(d.n_unconverged for d in decoded_e + decoded_i)
+    d = decoded_i[-1]
     check = dec.check_residuals(d, id_frames[-1]).max()
     print(f"\n{len(template.vertices):,}-vertex decode (median of runs):")
     print(f"  cold (fresh decoder)                         {ms(statistics.median(colds))}")
