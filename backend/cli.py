@@ -1,5 +1,10 @@
 """`imface`: the product's one command line. Each subcommand is one step of the data flow
-(scan folder → samples → model → meshes); `main` chains them on the embedded default data."""
+(scan folder → samples → model → meshes); `main` chains them on the embedded default data.
+
+This module is the top floor: the one module of `backend/` allowed to import `training/` (the
+make-default, preprocess, preview, train and main subcommands; imports inside the commands, so
+importing this module loads no training code). Nothing else in `backend/` imports it, and
+tests/test_import_direction.py holds both rules."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +21,7 @@ def _cmd_make_default(args: argparse.Namespace) -> int:
 
 
 def _preprocess_config(args: argparse.Namespace):
-    from training.data.preprocess import PreprocessConfig
+    from backend.scans.samples import PreprocessConfig
 
     cfg = PreprocessConfig()
     if args.samples is not None:
@@ -28,8 +33,8 @@ def _preprocess_config(args: argparse.Namespace):
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from backend.scans.folder import ManifestError
     from training.data.preprocess import preprocess_folder
-    from training.data.scan_folder import ManifestError
 
     try:
         report = preprocess_folder(args.scans, args.out, _preprocess_config(args), workers=args.workers)
@@ -46,12 +51,6 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     preview_scan_folder(Path(args.scans), Path(args.out))
     print(f"preview written to {args.out}")
     return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from training.train import main as train_main
-
-    return train_main(args.train_args)
 
 
 def _cmd_main(args: argparse.Namespace) -> int:
@@ -115,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_preview)
 
+    # Listed for --help only: main() hands `imface train ...` to training's own parser before parsing.
     p = sub.add_parser("train", help="train the model (all options: imface train --help)", add_help=False)
     p.add_argument("train_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("main", help="the main job on the embedded default data")
     p.add_argument("--out", default="runs/default")

@@ -147,7 +147,7 @@ def evaluate_folder(model: ImFacePlusPlus, scan_folder: str | Path, *, schedule:
     training treats them; False fits every scan with its expression code.
     A scan that cannot be read or fitted gets a row with its reason; the others go on."""
     from backend.correspondence import correspondence_errors
-    from training.data.scan_folder import ScanError, load_scan, load_scan_folder
+    from backend.scans.folder import ScanError, load_scan, load_scan_folder
 
     folder = load_scan_folder(scan_folder)
     entries = [e for e in folder.entries if keys is None or e.key in keys]

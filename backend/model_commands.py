@@ -20,23 +20,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-MESH_SUFFIXES = {".ply", ".obj", ".stl", ".off"}
-CLOUD_SUFFIXES = {".xyz", ".txt", ".npy", ".pts"}
-
-
 class CommandError(Exception):
     """A problem with the user's input, reported as one line with exit code 2."""
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    from backend.editing import CodesError
+    from backend.codes import CodesError
     from backend.fitting import FitInputError
-    from training.checkpoint import CheckpointError
-    from training.data.scan_folder import ManifestError, ScanError
+    from backend.model.io import CheckpointError
+    from backend.scans.folder import ManifestError, ScanError
+    from backend.scans.inputs import InputError
 
     # ValueError covers the rest of the input checks (every error class above but CheckpointError is one);
     # IMFACE_DEBUG=1 shows the traceback instead.
-    return (CommandError, CodesError, FitInputError, CheckpointError, ManifestError, ScanError,
+    return (CommandError, CodesError, FitInputError, InputError, CheckpointError, ManifestError, ScanError,
             FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError)
 
 
@@ -69,8 +66,7 @@ def _say(args: argparse.Namespace, msg: str) -> None:
 
 
 def _load_model(path: str) -> tuple[Any, Any, str]:
-    from backend.editing import model_fingerprint
-    from training.checkpoint import load_model
+    from backend.model.io import load_model, model_fingerprint
 
     p = Path(path)
     if p.is_dir():
@@ -80,7 +76,7 @@ def _load_model(path: str) -> tuple[Any, Any, str]:
 
 
 def _load_codes(path: str, model: Any, fingerprint: str, args: argparse.Namespace):
-    from backend.editing import load_codes
+    from backend.codes import load_codes
 
     entry = load_codes(path, model)
     if entry.model and fingerprint and entry.model != fingerprint:
@@ -134,74 +130,9 @@ def _schedule(args: argparse.Namespace):
     return FitSchedule.scaled(s, args.steps / s.total_steps) if args.steps else s
 
 
-def _read_landmarks(path: str | None, vertices: np.ndarray | None) -> np.ndarray:
-    """(5, 3) landmarks from a JSON file: {name: [x, y, z]} or {name: vertex index}, or those mappings
-    under "landmarks_mm" / "landmark_vertex_indices" (the scan-folder manifest's keys)."""
-    from training.data.landmarks import LANDMARK_NAMES
-
-    if path is None:
-        raise CommandError("a single mesh or point cloud needs its five landmarks: --landmarks FILE.json "
-                           f"with {', '.join(LANDMARK_NAMES)} (see docs/using-the-model.md)")
-    p = Path(path)
-    if not p.is_file():
-        raise CommandError(f"landmarks file {p} does not exist")
-    data = json.loads(p.read_text())
-    if isinstance(data, dict) and "landmarks_mm" in data:
-        data = data["landmarks_mm"]
-    elif isinstance(data, dict) and "landmark_vertex_indices" in data:
-        data = data["landmark_vertex_indices"]
-    if not isinstance(data, dict) or any(n not in data for n in LANDMARK_NAMES):
-        raise CommandError(f"{p}: expected an object with the five landmarks {', '.join(LANDMARK_NAMES)}")
-    vals = [data[n] for n in LANDMARK_NAMES]
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        if vertices is None:
-            raise CommandError(f"{p}: landmark vertex indices need a mesh with vertices")
-        idx = np.asarray(vals, dtype=np.int64)
-        if idx.min() < 0 or idx.max() >= len(vertices):
-            raise CommandError(f"{p}: landmark vertex index out of range (the input has {len(vertices)} vertices)")
-        return np.asarray(vertices, dtype=np.float64)[idx]
-    try:
-        lm = np.asarray(vals, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise CommandError(f"{p}: landmarks must be [x, y, z] coordinates or vertex indices") from None
-    if lm.shape != (5, 3) or not np.isfinite(lm).all():
-        raise CommandError(f"{p}: landmarks must be five finite [x, y, z] coordinates")
-    return lm
-
-
-def _read_points(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(vertices, faces or None) of a mesh or point-cloud file."""
-    if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
-        return np.asarray(arr, dtype=np.float64).reshape(-1, 3) if arr.size else np.zeros((0, 3)), None
-    if path.suffix.lower() in CLOUD_SUFFIXES:
-        if not path.read_text(errors="replace").strip():
-            return np.zeros((0, 3)), None
-        try:
-            arr = np.loadtxt(path, ndmin=2, usecols=(0, 1, 2))
-        except (ValueError, IndexError) as exc:
-            raise CommandError(f"{path}: cannot read x y z columns ({exc})") from None
-        return arr.astype(np.float64), None
-    import trimesh
-
-    try:
-        obj = trimesh.load(path, process=False)
-    except Exception as exc:  # trimesh raises many types for broken files
-        raise CommandError(f"cannot read {path.name}: {type(exc).__name__}: {exc}") from None
-    if isinstance(obj, trimesh.Scene):
-        geoms = list(obj.geometry.values())
-        if not geoms:
-            raise CommandError(f"{path}: no geometry in the file")
-        obj = geoms[0]
-    vertices = np.asarray(getattr(obj, "vertices", np.zeros((0, 3))), dtype=np.float64)
-    faces = getattr(obj, "faces", None)
-    faces = None if faces is None or len(faces) == 0 else np.asarray(faces, dtype=np.int64)
-    return vertices, faces
-
-
 def _fit_outputs(args: argparse.Namespace, model: Any, fingerprint: str, name: str, result: Any) -> dict[str, Any]:
     """Write codes JSON, mesh, fit report (and the registered mesh) for one fit."""
-    from backend.editing import FaceCodesFile, save_codes
+    from backend.codes import FaceCodesFile, save_codes
     from backend.evaluate import measure_fit
 
     out = Path(args.out)
@@ -218,7 +149,7 @@ def _fit_outputs(args: argparse.Namespace, model: Any, fingerprint: str, name: s
         v, f = measure_fit(model, result, args.resolution, n_points=args.metric_points)  # metrics: full scans
         written["mesh"] = str(_write_mesh(out / f"{safe}.ply", v, f))
     if args.registered:
-        from backend.correspondence import TopologyDecoder
+        from backend.animation_decode import TopologyDecoder
 
         dec = getattr(args, "_decoder", None)
         if dec is None:  # one template for every scan of the run: their registered meshes share it
@@ -237,8 +168,9 @@ def _fit_outputs(args: argparse.Namespace, model: Any, fingerprint: str, name: s
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from backend.fitting import fit, target_from_point_cloud, target_from_scan
-    from training.data.scan_folder import UNIT_SCALES, ScanEntry, ScanError, load_scan, load_scan_folder
+    from backend.fitting import fit, target_from_input, target_from_scan
+    from backend.scans.folder import ScanError, load_scan, load_scan_folder
+    from backend.scans.inputs import read_fit_input
 
     model, _, fingerprint = _load_model(args.model)
     src = Path(args.input)
@@ -263,42 +195,15 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if not jobs:
             raise CommandError(f"{src}: no scan to fit")
     else:
-        suffix = src.suffix.lower()
-        if suffix not in MESH_SUFFIXES | CLOUD_SUFFIXES:
-            raise CommandError(f"{src}: unsupported file type '{src.suffix}' "
-                               f"(meshes: {', '.join(sorted(MESH_SUFFIXES))}; point clouds: "
-                               f"{', '.join(sorted(CLOUD_SUFFIXES))} or a PLY without faces)")
-        vertices, faces = _read_points(src)
-        name = src.stem
-        if len(vertices) == 0:
-            raise CommandError(f"{src}: the point cloud is empty")
-        bad = ~np.isfinite(vertices).all(1)
-        if bad.any():
-            raise CommandError(f"{src}: {int(bad.sum())} of {len(vertices)} points have NaN or infinite coordinates")
-        units = UNIT_SCALES[args.units]
-        landmarks = _read_landmarks(args.landmarks, vertices)
-        partial = args.partial or faces is None or args.camera is not None or args.view_dir is not None
+        inp = read_fit_input(src, args.units, args.landmarks)
+        partial = args.partial or args.camera is not None or args.view_dir is not None
         camera, view = _vector(args.camera, "--camera"), _vector(args.view_dir, "--view-dir")
-        if partial:
-            def make(v=vertices, lm=landmarks) -> Any:
-                return target_from_point_cloud(v, lm, camera=camera, view_direction=view, units_to_mm=units,
-                                               noise_mm=args.noise_mm, seed=args.seed, name=name)
-            jobs.append((name, make, args.neutral))
-        else:
-            def make_scan(lm=landmarks) -> Any:
-                entry = ScanEntry(key=name, path=src.resolve(), identity=name, expression="fit", neutral=False,
-                                  landmarks_mm=lm, landmark_indices=None)
-                scan = load_scan(entry, args.units)
-                rescaled = [w for w in scan.warnings if "looks like it is in" in w]
-                if rescaled:
-                    raise CommandError(f"{src}: {rescaled[0].split(';')[0]}; pass --units with the scan's units "
-                                       "(mm, cm or m)")
-                target = target_from_scan(scan, seed=args.seed)
-                # Outputs in the scan's own units: fold the mm conversion into the stored transform.
-                target.normalized_from_scan = target.normalized_from_scan @ np.diag([units] * 3 + [1.0])
-                target.units_to_mm = units
-                return target
-            jobs.append((name, make_scan, args.neutral))
+
+        def make() -> Any:
+            return target_from_input(inp, partial=partial, camera=camera, view_direction=view,
+                                     noise_mm=args.noise_mm, seed=args.seed)
+
+        jobs.append((inp.name, make, args.neutral))
 
     failures = 0
     for name, make, neutral in jobs:
@@ -336,8 +241,8 @@ def _frame(args: argparse.Namespace, entry: Any) -> np.ndarray | None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from backend.fitting import MM_PER_UNIT, extract_face_mesh
-    from backend.geometry.extraction import to_scan_frame
+    from backend.fitting import extract_face_mesh
+    from backend.scans.frame import MM_PER_UNIT, to_scan_frame
 
     model, _, fingerprint = _load_model(args.model)
     entry = _load_codes(args.codes, model, fingerprint, args)
@@ -366,7 +271,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
-    from backend.correspondence import TemplateMesh, TopologyDecoder
+    from backend.animation_decode import TemplateMesh, TopologyDecoder
 
     model, _, fingerprint = _load_model(args.model)
     entry = _load_codes(args.codes, model, fingerprint, args)

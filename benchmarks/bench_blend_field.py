@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.model import ImFacePlusPlus, ModelConfig  # noqa: E402
-from training.data.landmarks import CANONICAL_LANDMARKS_MM, MM_PER_UNIT, NOSE_TIP_DEPTH_MM  # noqa: E402
+from backend.scans.frame import MM_PER_UNIT, NOSE_TIP_DEPTH_MM  # noqa: E402
+from backend.scans.landmarks import CANONICAL_LANDMARKS_MM  # noqa: E402
 
 
 def template_landmarks() -> torch.Tensor:
@@ -81,7 +82,7 @@ def _outputs(model: ImFacePlusPlus, batch: dict, stage: int) -> dict:
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     codes = model.codes(batch["scan_index"], batch["identity_index"])
     x = batch["points"].detach().clone().requires_grad_(True)
-    s = model.sdf(x, codes, with_detail=(stage == 2), neutral=batch["neutral"])
+    s = model.field(codes, neutral=batch["neutral"], detail=stage == 2).sdf(x, with_detail=stage == 2, chunk=None)
     g, = torch.autograd.grad(s.sum(), x)
     return {"loss": {k: v.detach() for k, v in out.items()}, "grads": grads, "sdf": s.detach(), "grad": g.detach()}
 

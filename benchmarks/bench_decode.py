@@ -28,10 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.correspondence import TopologyDecoder, extract_template_mesh, to_template  # noqa: E402
-from backend.editing import interpolate, sample_codes, training_face_codes  # noqa: E402
+from backend.animation_decode import extract_template_mesh, TopologyDecoder  # noqa: E402
+from backend.correspondence import to_template  # noqa: E402
+from backend.codes import training_face_codes  # noqa: E402
+from backend.editing import interpolate, sample_codes  # noqa: E402
 from backend.fitting import extract_face_mesh  # noqa: E402
-from training.checkpoint import load_model  # noqa: E402
+from backend.model.io import load_model  # noqa: E402
 
 
 def ms(seconds: float) -> str:

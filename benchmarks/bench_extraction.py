@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.geometry.extraction import extract_mesh, extract_mesh_dense  # noqa: E402
 from backend.geometry.metrics import compare_meshes  # noqa: E402
-
-MM_PER_UNIT = 100.0
+from backend.scans.frame import MM_PER_UNIT  # noqa: E402
 
 
 class Siren(nn.Module):
@@ -84,26 +83,21 @@ class FaceStandIn(nn.Module):
 
 
 def checkpoint_sdf(path: Path, scan: int, detail: bool):
-    """SDF of one training scan of a trained ImFace++ checkpoint (training/checkpoint.py format)."""
-    from backend.model import ImFacePlusPlus
-    from training.checkpoint import load_checkpoint
-    from training.config import TrainConfig
+    """SDF of one training scan of a trained ImFace++ checkpoint or model file (backend.model.io)."""
+    from backend.model.io import load_model
 
-    ck = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ck.config).model
-    state = ck.model_state
-    model = ImFacePlusPlus(cfg, state["identity_codes.weight"].shape[0], state["expression_codes.weight"].shape[0],
-                           ck.tensors["template_landmarks"], ck.tensors.get("template_dense"))
-    model.load_state_dict(state)
-    model.eval()
+    model, ck = load_model(path)
     info = ck.dataset.get("scans", [{}] * (scan + 1))[scan]
     identity = int(info.get("identity_index", 0))
     codes = model.codes(torch.tensor([scan]), torch.tensor([identity]))
     neutral = torch.tensor([bool(info.get("neutral", False))])
     print(f"checkpoint {path}: scan {scan} ({info.get('key', '?')}), identity {identity}, detail={detail}")
 
+    with torch.no_grad():  # prepared once, frozen: the extraction only reads values
+        face = model.field(codes, neutral=neutral, detail=detail)
+
     def fn(p: torch.Tensor) -> torch.Tensor:
-        return model.sdf(p[None], codes, with_detail=detail, neutral=neutral)[0]
+        return face.sdf(p, with_detail=detail, chunk=None)
     return fn
 
 

@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.editing import mean_codes, training_face_codes  # noqa: E402
+from backend.codes import mean_codes, training_face_codes  # noqa: E402
 from backend.evaluate import reconstruction_metrics  # noqa: E402
 from backend.fitting import FitSchedule, extract_face_mesh, fit, target_from_scan  # noqa: E402
-from training.checkpoint import load_model  # noqa: E402
-from training.data.scan_folder import load_scan, load_scan_folder  # noqa: E402
+from backend.model.io import load_model  # noqa: E402
+from backend.scans.folder import load_scan, load_scan_folder  # noqa: E402
 
 
 def main() -> None:

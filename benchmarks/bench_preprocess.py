@@ -32,8 +32,9 @@ def main() -> None:
     import trimesh
 
     from backend.geometry.signed_distance import closest_points
-    from training.data.preprocess import PreprocessConfig, preprocess_folder, preprocess_scan
-    from training.data.scan_folder import load_scan, load_scan_folder
+    from backend.scans.samples import preprocess_scan, PreprocessConfig
+    from training.data.preprocess import preprocess_folder
+    from backend.scans.folder import load_scan, load_scan_folder
 
     scans = args.scans
     if not (scans / "manifest.json").is_file():

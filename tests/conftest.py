@@ -27,7 +27,7 @@ def default_scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _small_preprocess_config():
-    from training.data.preprocess import PreprocessConfig
+    from backend.scans.samples import PreprocessConfig
 
     return PreprocessConfig(n_near=2_000, n_uniform=2_000, n_surface=1_000)
 

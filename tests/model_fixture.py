@@ -26,7 +26,8 @@ def train_tiny_model(workdir: str | Path, steps: int = 160, seed: int = 3, threa
     """Scans -> samples -> a trained model in `workdir` (about a minute on two CPU cores)."""
     from backend.model import ModelConfig
     from training.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig
-    from training.data.preprocess import PreprocessConfig, preprocess_folder
+    from backend.scans.samples import PreprocessConfig
+    from training.data.preprocess import preprocess_folder
     from training.data.synthetic_faces import generate_scan_folder
     from training.train import train
 
@@ -76,7 +77,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 def loaded_model(tiny_model: TinyModel):
     """(model, checkpoint) of the tiny model, loaded once."""
     if "loaded" not in _CACHE:
-        from training.checkpoint import load_model
+        from backend.model.io import load_model
 
         _CACHE["loaded"] = load_model(tiny_model.path)
     return _CACHE["loaded"]
@@ -96,7 +97,7 @@ def one_thread():
 
 def trained_codes(model, ck, key: str):
     """The trained codes of training scan `key`, and whether it is a neutral scan."""
-    from backend.editing import training_face_codes
+    from backend.codes import training_face_codes
 
     i = [row["key"] for row in ck.dataset["scans"]].index(key)
     row = ck.dataset["scans"][i]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from training.data.preprocess import PreprocessConfig, preprocess_folder
-from training.data.scan_folder import ManifestError, load_scan_folder
+from backend.scans.samples import PreprocessConfig
+from training.data.preprocess import preprocess_folder
+from backend.scans.folder import load_scan_folder, ManifestError
 
 TINY = PreprocessConfig(n_near=1_000, n_uniform=1_000, n_surface=500)
 

@@ -7,8 +7,9 @@ import torch
 from model_fixture import loaded_model, one_thread, tiny_model, trained_codes  # noqa: F401  (fixtures)
 from safetensors.numpy import load_file
 
-from backend.correspondence import (TemplateMesh, TopologyDecoder, correspondence_errors, extract_template_mesh,
-                                    invert_warp, to_canonical, to_template)
+from backend.animation_decode import extract_template_mesh, TemplateMesh, TopologyDecoder
+from backend.correspondence import correspondence_errors, to_canonical, to_template
+from backend.warp_inversion import invert_warp
 from backend.editing import interpolate
 
 
@@ -139,28 +140,30 @@ def test_backward_warps(loaded_model):
     assert can.shape == tmp.shape == (200, 3) and np.isfinite(tmp).all()
     assert not np.allclose(can, x)
     with torch.no_grad():
-        ref = model.warp_to_template(torch.from_numpy(x)[None], codes)[0].numpy()
+        ref = model.field(codes, detail=False).to_template(torch.from_numpy(x)).numpy()
     assert np.allclose(tmp, ref, atol=1e-6)
 
 
-def test_prepared_context_gives_the_same_field(loaded_model):
-    """ImFacePlusPlus.prepare / field: the per-codes work once, identical values, gradients to codes."""
+def test_face_field_is_one_consistent_surface(loaded_model):
+    """ImFacePlusPlus.field: the per-codes work once; chunked, batched and unbatched queries agree, the
+    warps compose, and gradients reach the codes only."""
     model, ck = loaded_model
     codes, _ = trained_codes(model, ck, "id01/smile")
     x = torch.rand(1, 300, 3) - 0.5
     with torch.no_grad():
-        ctx = model.prepare(codes)
-        for detail in (True, False):
-            assert torch.allclose(model.sdf(x, codes, with_detail=detail),
-                                  model.sdf(x, with_detail=detail, context=ctx), atol=1e-6)
         fld = model.field(codes)
-        assert torch.allclose(fld.sdf(x[0], chunk=64), model.sdf(x, codes)[0], atol=1e-6)
-        assert torch.allclose(fld.to_template(x[0]), model.warp_to_template(x, codes)[0], atol=1e-6)
+        for detail in (True, False):
+            assert torch.allclose(fld.sdf(x, with_detail=detail, chunk=None),
+                                  fld.sdf(x[0], with_detail=detail, chunk=64), atol=1e-6)
+        tmpl, delta = fld.canonical_to_template(fld.to_canonical(x[0]))
+        assert torch.equal(fld.to_template(x[0]), tmpl) and delta.shape == (300,)
+        base = fld.template_sdf(tmpl) + delta
+        assert torch.allclose(base, fld.sdf(x[0], with_detail=False), atol=1e-5)
     from backend.fitting import frozen_networks
     from backend.model import FaceCodes
 
     z = FaceCodes(*(c.clone().requires_grad_(True) for c in (codes.identity, codes.expression, codes.detail)))
     with frozen_networks(model):
-        model.sdf(x, context=model.prepare(z, frozen=False)).abs().sum().backward()
+        model.field(z, frozen=False).sdf(x).abs().sum().backward()
     assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in (z.identity, z.expression, z.detail))
     assert all(p.grad is None for p in model.parameters())

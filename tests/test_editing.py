@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.editing import (CodesError, FaceCodesFile, code_pca, codes_from_json, fit_gaussians, interpolate,
-                             load_codes, mean_codes, sample_codes, save_codes, select_row, training_codes,
-                             transfer_detail, transfer_expression)
+from backend.codes import codes_from_json, CodesError, FaceCodesFile, load_codes, mean_codes, save_codes, select_row, training_codes
+from backend.editing import code_pca, fit_gaussians, interpolate, sample_codes, transfer_detail, transfer_expression
 from backend.model import FaceCodes, ImFacePlusPlus, ModelConfig
-from training.data.landmarks import CANONICAL_LANDMARKS_MM, MM_PER_UNIT, NOSE_TIP_DEPTH_MM
+from backend.scans.frame import MM_PER_UNIT, NOSE_TIP_DEPTH_MM
+from backend.scans.landmarks import CANONICAL_LANDMARKS_MM
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import torch
 import trimesh
 from model_fixture import loaded_model, one_thread, tiny_model, trained_codes  # noqa: F401  (fixtures)
 
-from backend.geometry.extraction import extract_mesh, extract_mesh_dense, to_scan_frame
+from backend.geometry.extraction import extract_mesh, extract_mesh_dense
+from backend.scans.frame import to_scan_frame
 
 
 def sphere(radius: float = 0.5, center: tuple[float, float, float] = (0.0, 0.0, 0.0)):

@@ -10,12 +10,12 @@ import torch
 from model_fixture import loaded_model, one_thread, tiny_model, trained_codes  # noqa: F401  (fixtures)
 from scipy.spatial import cKDTree
 
-from backend.editing import mean_codes
+from backend.codes import mean_codes
 from backend.evaluate import reconstruction_metrics
-from backend.fitting import (FitInputError, FitSchedule, FitStage, extract_face_mesh, fit, simulate_depth_view,
-                             target_from_point_cloud, target_from_scan)
+from backend.fitting import extract_face_mesh, fit, FitInputError, FitSchedule, FitStage, target_from_point_cloud, target_from_scan
+from depth_view import simulate_depth_view
 from backend.geometry.metrics import sample_surface
-from training.data.scan_folder import load_scan, load_scan_folder
+from backend.scans.folder import load_scan, load_scan_folder
 
 KEY = "id01/smile"  # a non-neutral training scan
 RES = 112

@@ -14,7 +14,7 @@ import torch
 from model_fixture import one_thread, tiny_model  # noqa: F401  (fixtures)
 
 from backend.cli import main
-from training.data.scan_folder import load_scan, load_scan_folder
+from backend.scans.folder import load_scan, load_scan_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--threads", "1", "--quiet"]
@@ -76,7 +76,7 @@ def test_extract_and_decode_commands(fitted, tiny_model, tmp_path):
     assert (tmp_path / "x.ply").is_file() and "vertices" in r.stdout
     import trimesh
 
-    from training.checkpoint import load_model
+    from backend.model.io import load_model
 
     x = trimesh.load(tmp_path / "x.ply", process=False)
     tc = np.load(tmp_path / "x_template.npy", allow_pickle=False)
@@ -115,14 +115,14 @@ def test_evaluate_command(tiny_model, tmp_path):
 
 
 def _depth_view(tiny_model, tmp_path):
-    from backend.fitting import simulate_depth_view
+    from depth_view import simulate_depth_view
 
     scan = load_scan(next(e for e in load_scan_folder(tiny_model.scans).entries if e.key == "id00/mouth_open"))
     cam = scan.landmarks[2] + np.array([0.0, 20.0, 500.0])
     pts, _ = simulate_depth_view(scan.vertices, scan.faces, cam, look_at=scan.landmarks[2], width=60, height=60,
                                  noise=0.2)
     lm = tmp_path / "landmarks.json"
-    from training.data.landmarks import LANDMARK_NAMES
+    from backend.scans.landmarks import LANDMARK_NAMES
 
     lm.write_text(json.dumps({n: list(map(float, p)) for n, p in zip(LANDMARK_NAMES, scan.landmarks)}))
     return scan, pts, cam, lm

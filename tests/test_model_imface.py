@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from backend.model import FaceCodes, ImFacePlusPlus, ModelConfig
-from training.data.landmarks import CANONICAL_LANDMARKS_MM, MM_PER_UNIT, NOSE_TIP_DEPTH_MM
+from backend.scans.frame import MM_PER_UNIT, NOSE_TIP_DEPTH_MM
+from backend.scans.landmarks import CANONICAL_LANDMARKS_MM
 
 N_ID, N_SCANS, V = 2, 4, 40
 STAGE1_KEYS = {"sdf", "normal", "eikonal", "embedding", "landmark_generation", "landmark_consistency",
@@ -138,16 +139,16 @@ def test_neutral_suppression_is_exact_identity() -> None:
     pts = b["points"]
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            can = model.warp_to_canonical(pts, codes, neutral=b["neutral"])
-            free = model.warp_to_canonical(pts, codes)
+            can = model.field(codes, neutral=b["neutral"], detail=False).to_canonical(pts)
+            free = model.field(codes, detail=False).to_canonical(pts)
         assert torch.equal(can[0], pts[0])            # neutral scan: exactly the identity map
         assert torch.equal(can[1], free[1])           # expressive scan: ExpNet applied
         assert (free[0] - pts[0]).abs().max() > 0     # (the raw ExpNet does deform)
     # the neutral scan's template points do not depend on its expression code
     codes2 = FaceCodes(codes.identity, codes.expression + 1.0, codes.detail)
     with torch.no_grad():
-        t1 = model.warp_to_template(pts, codes, neutral=b["neutral"])
-        t2 = model.warp_to_template(pts, codes2, neutral=b["neutral"])
+        t1 = model.field(codes, neutral=b["neutral"]).to_template(pts)
+        t2 = model.field(codes2, neutral=b["neutral"]).to_template(pts)
     assert torch.equal(t1[0], t2[0]) and not torch.equal(t1[1], t2[1])
 
 
@@ -171,9 +172,10 @@ def test_sdf_inference_and_warps() -> None:
     b = _batch()
     codes = model.codes(b["scan_index"], b["identity_index"])
     with torch.no_grad():
-        s = model.sdf(b["points"], codes)
-        s_base = model.sdf(b["points"], codes, with_detail=False)
-        tmpl = model.warp_to_template(b["points"], codes)
+        face = model.field(codes)
+        s = face.sdf(b["points"])
+        s_base = face.sdf(b["points"], with_detail=False)
+        tmpl = face.to_template(b["points"])
     assert s.shape == s_base.shape == b["points"].shape[:2]
     assert tmpl.shape == b["points"].shape
     assert not s.requires_grad and torch.isfinite(s).all()
@@ -181,7 +183,7 @@ def test_sdf_inference_and_warps() -> None:
     assert (s - s_base).abs().max() < 1.0
     # with grad: differentiable w.r.t. points and codes (fitting, eq. 21)
     x = b["points"].clone().requires_grad_(True)
-    s2 = model.sdf(x, codes)
+    s2 = model.field(codes).sdf(x)
     assert torch.allclose(s2.detach(), s, atol=1e-5)
     gx, gz = torch.autograd.grad(s2.sum(), (x, model.detail_codes.weight))
     assert torch.isfinite(gx).all() and gz.abs().sum() > 0

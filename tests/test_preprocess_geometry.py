@@ -6,9 +6,10 @@ import pytest
 import trimesh
 from scipy.spatial.transform import Rotation
 
-from training.data.landmarks import MM_PER_UNIT, NOSE_TIP
-from training.data.preprocess import PreprocessConfig, preprocess_scan
-from training.data.scan_folder import LoadedScan, load_scan, load_scan_folder
+from backend.scans.frame import MM_PER_UNIT
+from backend.scans.landmarks import NOSE_TIP
+from backend.scans.samples import preprocess_scan, PreprocessConfig
+from backend.scans.folder import load_scan, load_scan_folder, LoadedScan
 
 SMALL = PreprocessConfig(n_near=20_000, n_uniform=20_000, n_surface=5_000, seed=1)
 

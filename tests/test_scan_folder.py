@@ -7,8 +7,9 @@ import json
 import numpy as np
 from safetensors.numpy import load_file
 
-from training.data.preprocess import PreprocessConfig, preprocess_folder
-from training.data.scan_folder import load_scan_folder
+from backend.scans.samples import PreprocessConfig
+from training.data.preprocess import preprocess_folder
+from backend.scans.folder import load_scan_folder
 
 TINY = PreprocessConfig(n_near=2_000, n_uniform=2_000, n_surface=1_000)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from training.data import synthetic_faces as sf
-from training.data.landmarks import LANDMARK_NAMES
+from backend.scans.landmarks import LANDMARK_NAMES
 from training.data.preview import preview_scan_folder, render_grid, render_mesh
 
 

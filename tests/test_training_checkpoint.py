@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.checkpoint import CheckpointError, load_checkpoint, read_metadata
+from backend.model.io import CheckpointError, load_checkpoint, read_metadata
 from training.config import TrainConfig
-from training.synthetic_samples import write_synthetic_processed
+from synthetic_samples import write_synthetic_processed
 from training.train import main
 from training.trainer import Trainer
 
@@ -109,7 +109,7 @@ def test_resume_from_a_truncated_checkpoint_is_a_message_not_a_traceback(trained
 
 def test_exported_model_loads_for_inference(trained, tmp_path):
     """load_model rebuilds the network from a checkpoint alone (what fit/extract/the server use)."""
-    from training.checkpoint import load_model
+    from backend.model.io import load_model
 
     model, ck = load_model(trained.ckpt_dir / "last.safetensors")
     assert not model.training and ck.state["step"] == 6
@@ -117,6 +117,6 @@ def test_exported_model_loads_for_inference(trained, tmp_path):
     idx = torch.tensor([1])
     ident = torch.tensor([trained.data.scans[1].identity_index])
     with torch.no_grad():
-        a = model.sdf(pts, model.codes(idx, ident), with_detail=True)
-        b = trained.model.eval().sdf(pts, trained.model.codes(idx, ident), with_detail=True)
+        a = model.field(model.codes(idx, ident)).sdf(pts, with_detail=True)
+        b = trained.model.eval().field(trained.model.codes(idx, ident)).sdf(pts, with_detail=True)
     assert torch.equal(a, b)

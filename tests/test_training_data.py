@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training.dataset import DatasetError, ProcessedScans
-from training.synthetic_samples import write_synthetic_processed
+from synthetic_samples import write_synthetic_processed
 
 KW = dict(seed=3, scans_per_batch=4, points_per_scan=64, near_fraction=0.75, surface_points=16, dense_points=32)
 

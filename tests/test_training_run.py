@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
+from backend.model.io import load_checkpoint
 from training.config import TrainConfig
-from training.synthetic_samples import write_synthetic_processed
+from synthetic_samples import write_synthetic_processed
 from training.train import train
 
 REPO = Path(__file__).resolve().parents[1]

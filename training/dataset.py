@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-SAMPLES_FORMAT = "imface-samples/1"
+from backend.scans.samples import SAMPLES_FORMAT
 
 
 class DatasetError(ValueError):

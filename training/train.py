@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .checkpoint import CheckpointError
+from backend.model.io import CheckpointError
 from .config import PRESETS, TrainConfig, apply_overrides, preset
 from .dataset import DatasetError, ProcessedScans
 from .trainer import RunResult, Trainer, TrainingError

@@ -37,7 +37,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from backend.geometry.extraction import extract_mesh
+from backend.model import FaceField
+from backend.model.io import CheckpointError, build_model, load_checkpoint, restore_rng, save_checkpoint
+
 from .config import TrainConfig
 from .dataset import ProcessedScans, StepBatches, derive_seed, iterate_batches
 
@@ -171,13 +174,11 @@ class Trainer:
             raise TrainingError(f"the schedule has {self.total_steps} steps; set schedule.steps or epochs >= 1")
         self.steps_per_epoch = self.data.steps_per_epoch(self.cfg.data.scans_per_batch)
 
-        from backend.model.imface import ImFacePlusPlus
-
         torch.manual_seed(self.cfg.seed)  # identical initialisation on every rank (DDP also broadcasts)
         tmpl_lm = self.data.template_landmarks()
         tmpl_dense = self.data.template_dense()
-        self.model = ImFacePlusPlus(self.cfg.model, self.data.n_identities, self.data.n_scans,
-                                    tmpl_lm, tmpl_dense).to(self.device)
+        self.model = build_model(self.cfg.model, self.data.n_identities, self.data.n_scans,
+                                 tmpl_lm, tmpl_dense).to(self.device)
         self.step = 0
         self.elapsed = 0.0
         self.stage = 0          # no stage entered yet; update_step enters the first one
@@ -699,12 +700,8 @@ def render_training_faces(model: torch.nn.Module, data: ProcessedScans, cfg: Tra
             codes = model.codes(torch.tensor([k], device=device),
                                 torch.tensor([data.scans[k].identity_index], device=device))
             detail = stage >= 2
-            if hasattr(model, "prepare"):  # hyper-net weights once per face, not once per chunk
-                ctx = model.prepare(codes, detail=detail)
-                fn = lambda p, ctx=ctx: model.sdf(p, with_detail=detail, context=ctx)  # noqa: E731
-            else:
-                fn = lambda p: model.sdf(p, codes, with_detail=detail)  # noqa: E731
-            meshes.append(_extract(fn, cfg.preview.resolution, cfg.preview.chunk, device))
+            face = model.field(codes, detail=detail)  # hyper-net weights once per face, not once per chunk
+            meshes.append(_extract(face, detail, cfg.preview.resolution, cfg.preview.chunk, device))
             labels.append(data.scans[k].key)
     finally:
         model.train(was_training)
@@ -712,19 +709,10 @@ def render_training_faces(model: torch.nn.Module, data: ProcessedScans, cfg: Tra
     return render_preview(meshes, labels, title, path, cfg.preview.image_size)
 
 
-def _extract(fn: Callable[[torch.Tensor], torch.Tensor], resolution: int, chunk: int,
+def _extract(face: FaceField, detail: bool, resolution: int, chunk: int,
              device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
-    """Zero level set over the unit sphere: the project's narrow-band extractor (same mesh as a dense
-    grid, a fraction of the queries) when present, else a dense grid and skimage's marching cubes."""
-    try:
-        from backend.geometry.extraction import extract_mesh
-    except ImportError:
-        extract_mesh = None
-    if extract_mesh is not None:
-        # inference_mode off: with DetailNet the SDF takes a gradient of the base field internally.
-        v, f = extract_mesh(lambda p: fn(p.unsqueeze(0))[0], resolution=resolution, chunk=chunk,
-                            device=device, inference_mode=False)
-        return (v, f) if len(f) else None
-    from .preview import marching_cubes, sample_grid_sdf
-
-    return marching_cubes(sample_grid_sdf(fn, resolution, chunk, device))
+    """Zero level set over the unit sphere (narrow-band marching cubes: the dense grid's mesh)."""
+    # inference_mode off: with DetailNet the SDF takes a gradient of the base field internally.
+    v, f = extract_mesh(lambda p: face.sdf(p, with_detail=detail, chunk=None), resolution=resolution,
+                        chunk=chunk, device=device, inference_mode=False)
+    return (v, f) if len(f) else None

@@ -51,8 +51,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .alignment import apply_transform
-
 SDFFunction = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -475,19 +473,3 @@ def _dropped_sign_volume(dropped: list[tuple[int, np.ndarray, np.ndarray]], n: i
     if full.shape[0] < n:  # index n - 1 when the stride divides n - 1: the last cell's
         full = np.pad(full, [(0, n - full.shape[0])] * 3, mode="edge")
     return np.ascontiguousarray(full[:n, :n, :n]).reshape(-1)
-
-
-def to_scan_frame(vertices: np.ndarray, scan_from_normalized: np.ndarray | None = None, *,
-                  normalized_from_scan: np.ndarray | None = None) -> np.ndarray:
-    """Vertices in model units (normalised frame, 1 unit = 100 mm) -> the scan's own frame in mm.
-
-    Give either `scan_from_normalized` or the stored `normalized_from_scan` (its inverse is taken).
-    (The transform is a similarity; if it ever had a reflection, face winding would flip.)"""
-    if (scan_from_normalized is None) == (normalized_from_scan is None):
-        raise ValueError("give exactly one of scan_from_normalized / normalized_from_scan")
-    if scan_from_normalized is None:
-        scan_from_normalized = np.linalg.inv(np.asarray(normalized_from_scan, dtype=np.float64))
-    matrix = np.asarray(scan_from_normalized, dtype=np.float64)
-    if matrix.shape != (4, 4):
-        raise ValueError("expected a 4x4 homogeneous transform")
-    return apply_transform(matrix, np.asarray(vertices, dtype=np.float64))

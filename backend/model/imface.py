@@ -54,8 +54,8 @@ class FaceCodes:
 
 @dataclass
 class FaceContext:
-    """Per-codes quantities (Landmark-Net outputs, hyper-net weights): computed once by
-    `ImFacePlusPlus.prepare(codes)` and reused by every evaluation with those codes.
+    """Per-codes quantities (Landmark-Net outputs, hyper-net weights): computed once when a
+    `FaceField` is made (`ImFacePlusPlus.field(codes)`) and reused by every evaluation with those codes.
 
     Generating the hyper-net weights is the fixed cost of an evaluation (independent of the number of
     points); reusing one context over many point chunks (mesh extraction, decoding, fitting steps
@@ -69,9 +69,6 @@ class FaceContext:
     tmp_w: list[LayerWeights] | None
     frozen: bool                      # no gradients to E, I, T, Landmark-Nets
     det_w: list[LayerWeights] | None = None  # DetailNet weights (prepare fills them; None: per call)
-
-
-_Context = FaceContext  # the name used inside this module
 
 
 @dataclass
@@ -162,7 +159,7 @@ class ImFacePlusPlus(nn.Module):
                          detail=self.detail_codes(scan_index))
 
     # ------------------------------------------------------------------ chain
-    def _context(self, codes: FaceCodes, frozen: bool) -> _Context:
+    def _context(self, codes: FaceCodes, frozen: bool) -> FaceContext:
         """Landmarks and hyper-net weights of E, I, T: once per code batch (no grad when frozen)."""
         if frozen:
             codes = FaceCodes(codes.identity.detach(), codes.expression.detach(), codes.detail)
@@ -174,7 +171,7 @@ class ImFacePlusPlus(nn.Module):
             exp_w = self.exp_net.batched_weights(codes.expression) if self.exp_net.impl == "batched" else None
             id_w = self.id_net.batched_weights(codes.identity) if self.id_net.impl == "batched" else None
             tmp_w = self.template_net.batched_weights() if self.template_net.impl == "batched" else None
-        return _Context(codes, lm, lm_c, exp_w, id_w, tmp_w, frozen)
+        return FaceContext(codes, lm, lm_c, exp_w, id_w, tmp_w, frozen)
 
     @staticmethod
     def _apply_warp(kind: str, out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,18 +179,31 @@ class ImFacePlusPlus(nn.Module):
             return se3_apply(out[..., :6], x), out[..., 6:]
         return x + out[..., :3], out[..., 3:]
 
-    def _warp(self, x: torch.Tensor, ctx: _Context, neutral: torch.Tensor | None) -> _Base:
-        """E then I: (raw E output, p', p'', δ) for points x (B, N, 3)."""
+    def _expression(self, x: torch.Tensor, ctx: FaceContext) -> torch.Tensor:
+        """E alone, before the neutral switch: observation -> canonical (B, N, 3)."""
         e = self.exp_net(x, ctx.landmarks, ctx.codes.expression, weights=ctx.exp_w, frozen=ctx.frozen)
-        exp_raw, _ = self._apply_warp(self.cfg.exp_warp, e, x)
+        return self._apply_warp(self.cfg.exp_warp, e, x)[0]
+
+    @staticmethod
+    def _neutral_switch(x: torch.Tensor, exp_raw: torch.Tensor, neutral: torch.Tensor | None) -> torch.Tensor:
         # eq. 12: the expression deformation is exactly the identity map for neutral scans.
-        canonical = exp_raw if neutral is None else torch.where(neutral.view(-1, 1, 1), x, exp_raw)
+        return exp_raw if neutral is None else torch.where(neutral.view(-1, 1, 1), x, exp_raw)
+
+    def _identity(self, canonical: torch.Tensor, ctx: FaceContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """I alone: canonical -> (template (B, N, 3), SDF residual δ (B, N))."""
         i = self.id_net(canonical, ctx.canonical_landmarks, ctx.codes.identity, weights=ctx.id_w,
                         frozen=ctx.frozen)
         template, extra = self._apply_warp(self.cfg.id_warp, i, canonical)
-        return _Base(exp_raw, canonical, template, extra[..., 0], None)
+        return template, extra[..., 0]
 
-    def _base(self, x: torch.Tensor, ctx: _Context, neutral: torch.Tensor | None) -> _Base:
+    def _warp(self, x: torch.Tensor, ctx: FaceContext, neutral: torch.Tensor | None) -> _Base:
+        """E then I: (raw E output, p', p'', δ) for points x (B, N, 3)."""
+        exp_raw = self._expression(x, ctx)
+        canonical = self._neutral_switch(x, exp_raw, neutral)
+        template, delta = self._identity(canonical, ctx)
+        return _Base(exp_raw, canonical, template, delta, None)
+
+    def _base(self, x: torch.Tensor, ctx: FaceContext, neutral: torch.Tensor | None) -> _Base:
         """Base SDF f̂ (eq. 5) with the intermediate spaces."""
         b = self._warp(x, ctx, neutral)
         s0 = self.template_net(b.template, self.template_landmarks, weights=ctx.tmp_w, frozen=ctx.frozen)
@@ -218,15 +228,9 @@ class ImFacePlusPlus(nn.Module):
             n = n.detach()
         return x + (chi * d).unsqueeze(-1) * n
 
-    # ------------------------------------------------------------------ public evaluation
-    def prepare(self, codes: FaceCodes, frozen: bool | None = None, detail: bool = True) -> FaceContext:
-        """The per-codes context (Landmark-Nets, hyper-net weights of E, I, T and D), computed once.
-
-        frozen: no gradients to the networks nor to the identity/expression codes (default: whether
-        autograd is off). For fitting, pass frozen=False with the network parameters'
-        requires_grad off: gradients then reach the codes only. detail: also generate DetailNet's
-        weights (skip for warps only).
-        """
+    # ------------------------------------------------------------------ evaluation
+    def _prepare(self, codes: FaceCodes, frozen: bool | None = None, detail: bool = True) -> FaceContext:
+        """The per-codes context (Landmark-Nets, hyper-net weights of E, I, T and D), computed once."""
         frozen = (not torch.is_grad_enabled()) if frozen is None else frozen
         ctx = self._context(codes, frozen=frozen)
         if detail and self.detail_net.impl == "batched":
@@ -235,64 +239,33 @@ class ImFacePlusPlus(nn.Module):
         return ctx
 
     def field(self, codes: FaceCodes, neutral: bool | torch.Tensor | None = None,
-              frozen: bool | None = None) -> "FaceField":
-        """A face with fixed codes: `.sdf(points)`, `.to_canonical`, `.to_template`, ... (see FaceField)."""
-        return FaceField(self, self.prepare(codes, frozen=frozen), neutral)
+              frozen: bool | None = None, detail: bool = True) -> "FaceField":
+        """The one way to ask the model about a face: prepare it from its codes once, then query it
+        (`sdf`, `to_canonical`, `to_template`, `canonical_to_template`, `template_sdf`,
+        `detail_displacement`; see FaceField).
 
-    def _ctx(self, codes: FaceCodes | None, context: FaceContext | None) -> FaceContext:
-        if context is not None:
-            return context
-        if codes is None:
-            raise ValueError("give codes or a context from prepare(codes)")
-        return self._context(codes, frozen=not torch.is_grad_enabled())
-
-    def warp_to_canonical(self, points: torch.Tensor, codes: FaceCodes | None = None,
-                          neutral: torch.Tensor | None = None, *,
-                          context: FaceContext | None = None) -> torch.Tensor:
-        """Observation -> canonical p' (B, N, 3); neutral (B,) bool forces the identity map."""
-        return self._warp(points, self._ctx(codes, context), neutral).canonical
-
-    def warp_to_template(self, points: torch.Tensor, codes: FaceCodes | None = None,
-                         neutral: torch.Tensor | None = None, *,
-                         context: FaceContext | None = None) -> torch.Tensor:
-        """Observation -> template p'' (B, N, 3) (base chain, no detail displacement)."""
-        return self._warp(points, self._ctx(codes, context), neutral).template
-
-    def expression_warp(self, points: torch.Tensor, context: FaceContext,
-                        neutral: torch.Tensor | None = None) -> torch.Tensor:
-        """E alone: observation -> canonical (B, N, 3) (the identity map where neutral)."""
-        e = self.exp_net(points, context.landmarks, context.codes.expression, weights=context.exp_w,
-                         frozen=context.frozen)
-        out, _ = self._apply_warp(self.cfg.exp_warp, e, points)
-        return out if neutral is None else torch.where(neutral.view(-1, 1, 1), points, out)
-
-    def identity_warp(self, canonical: torch.Tensor, context: FaceContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """I alone: canonical -> (template (B, N, 3), SDF residual δ (B, N))."""
-        i = self.id_net(canonical, context.canonical_landmarks, context.codes.identity, weights=context.id_w,
-                        frozen=context.frozen)
-        template, extra = self._apply_warp(self.cfg.id_warp, i, canonical)
-        return template, extra[..., 0]
+        neutral: switch the expression warp off (eq. 12): a bool, or (B,) bools, one per code row.
+        frozen: no gradients to the networks nor to the identity/expression codes (default: whether
+        autograd is off). For fitting, pass frozen=False with the network parameters' requires_grad
+        off: gradients then reach the codes only. detail: also generate DetailNet's weights (False for
+        warps or the base SDF only).
+        """
+        return FaceField(self, self._prepare(codes, frozen=frozen, detail=detail), neutral)
 
     def template_sdf(self, template: torch.Tensor, context: FaceContext | None = None) -> torch.Tensor:
-        """T(p''; l'') (B, N): the template face's SDF (no code)."""
+        """T(p''; l'') (B, N): the template face's SDF (it has no code, so no face is needed)."""
         w = None if context is None else context.tmp_w
         return self.template_net(template, self.template_landmarks, weights=w,
                                  frozen=True if context is None else context.frozen)[..., 0]
 
-    def detail_displacement(self, template: torch.Tensor, context: FaceContext) -> torch.Tensor:
-        """The bounded DetailNet displacement d(p'') (B, N) along the base normal (eq. 7)."""
-        return self._detail_value(template, context.codes.detail, context.det_w)
-
-    def sdf(self, points: torch.Tensor, codes: FaceCodes | None = None, with_detail: bool = True,
-            neutral: torch.Tensor | None = None, *, context: FaceContext | None = None) -> torch.Tensor:
+    def _sdf(self, points: torch.Tensor, ctx: FaceContext, with_detail: bool = True,
+             neutral: torch.Tensor | None = None) -> torch.Tensor:
         """Signed distance (B, N) at points (B, N, 3): f (eq. 8) or the base f̂ (eq. 5).
 
         Under torch.no_grad() only the base normal needs a (local) first-order gradient; with grad
         enabled the result is differentiable w.r.t. points and codes (for fitting, eq. 21).
-        context: from `prepare(codes)`, reused across calls (codes may then be omitted).
         """
         grad_enabled = torch.is_grad_enabled()
-        ctx = self._ctx(codes, context)
         if not with_detail:
             return self._base(points, ctx, neutral).sdf
         with torch.enable_grad():
@@ -339,7 +312,7 @@ class ImFacePlusPlus(nn.Module):
             tmp = self.template_dense[idx].expand(B, -1, -1)
         return sparse, (obs, can, tmp, None if valid is None else valid.bool())
 
-    def _base_terms(self, batch: dict[str, torch.Tensor], ctx: _Context, neutral: torch.Tensor, base: _Base,
+    def _base_terms(self, batch: dict[str, torch.Tensor], ctx: FaceContext, neutral: torch.Tensor, base: _Base,
                     g_obs: torch.Tensor, g_can: torch.Tensor, tgt_sdf: torch.Tensor,
                     tgt_normals: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The eq. 19 terms of L_f̂ (weighted) from a base pass; correspondences get their own pass."""
@@ -425,8 +398,8 @@ class ImFacePlusPlus(nn.Module):
 class FaceField:
     """One face (fixed codes) ready for many evaluations: the per-codes context is computed once.
 
-    Points may be (N, 3) (results (N,) / (N, 3)) or (B, N, 3) for a context of B code rows.
-    `sdf` chunks large inputs; every method follows the caller's autograd mode.
+    Made by `ImFacePlusPlus.field(codes, ...)`. Points may be (N, 3) (results (N,) / (N, 3)) or
+    (B, N, 3) for B code rows. Every method follows the caller's autograd mode.
     """
 
     def __init__(self, model: ImFacePlusPlus, context: FaceContext,
@@ -446,27 +419,40 @@ class FaceField:
     def _batched(points: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return (points.unsqueeze(0), True) if points.dim() == 2 else (points, False)
 
-    def sdf(self, points: torch.Tensor, with_detail: bool = True, chunk: int = 65536) -> torch.Tensor:
+    def sdf(self, points: torch.Tensor, with_detail: bool = True, chunk: int | None = 65536) -> torch.Tensor:
+        """f (eq. 8), or the base f̂ (eq. 5) without detail; in chunks of `chunk` points (None: one call)."""
         x, single = self._batched(points)
-        outs = [self.model.sdf(x[:, i:i + chunk], with_detail=with_detail, neutral=self.neutral,
-                               context=self.context) for i in range(0, max(1, x.shape[1]), chunk)]
-        out = torch.cat(outs, dim=1)
+        if chunk is None:
+            out = self.model._sdf(x, self.context, with_detail, self.neutral)
+        else:
+            out = torch.cat([self.model._sdf(x[:, i:i + chunk], self.context, with_detail, self.neutral)
+                             for i in range(0, max(1, x.shape[1]), chunk)], dim=1)
         return out[0] if single else out
 
     def to_canonical(self, points: torch.Tensor) -> torch.Tensor:
+        """Observation -> canonical p' = E(p) (the identity map where neutral)."""
         x, single = self._batched(points)
-        out = self.model.expression_warp(x, self.context, self.neutral)
+        out = self.model._neutral_switch(x, self.model._expression(x, self.context), self.neutral)
         return out[0] if single else out
 
     def canonical_to_template(self, canonical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canonical -> (template p'' = I(p'), SDF residual δ)."""
         x, single = self._batched(canonical)
-        t, d = self.model.identity_warp(x, self.context)
+        t, d = self.model._identity(x, self.context)
         return (t[0], d[0]) if single else (t, d)
 
     def to_template(self, points: torch.Tensor) -> torch.Tensor:
+        """Observation -> template p'' = I(E(p)) (base chain, no detail displacement)."""
         return self.canonical_to_template(self.to_canonical(points))[0]
 
-    def detail_displacement(self, template: torch.Tensor) -> torch.Tensor:
+    def template_sdf(self, template: torch.Tensor) -> torch.Tensor:
+        """T(p'') at template points."""
         x, single = self._batched(template)
-        out = self.model.detail_displacement(x, self.context)
+        out = self.model.template_sdf(x, self.context)
+        return out[0] if single else out
+
+    def detail_displacement(self, template: torch.Tensor) -> torch.Tensor:
+        """The bounded DetailNet displacement d(p'') along the base normal (eq. 7)."""
+        x, single = self._batched(template)
+        out = self.model._detail_value(x, self.context.codes.detail, self.context.det_w)
         return out[0] if single else out

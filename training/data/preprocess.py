@@ -1,13 +1,7 @@
-"""Scan → training samples (ImFace++ §4.1), CPU only, no OpenGL/EGL.
-
-Per scan: rigid alignment to the canonical frontal frame from the landmarks; normalisation (1 unit =
-10 cm, origin 4 cm behind the nose tip); crop to the unit sphere; hidden-surface removal by ray casting
-along +z; a pseudo-watertight surface from a Delaunay triangulation of the visible x-y coordinates;
-then SDF samples (near-surface N(0, 1 cm) offsets and uniform in the sphere) with exact signed distances
-and unit gradients, surface points with normals, and the transformed landmarks.
-
-`preprocess_folder` runs that over a scan folder in parallel, with a progress bar, a cache that skips
-scans whose source and settings have not changed, and a list of the scans that failed and why.
+"""Scan folder -> training samples: `preprocess_folder` runs the per-scan §4.1 pipeline
+(`backend.scans.samples.preprocess_scan`) over a scan folder in parallel, with a progress bar, a cache
+that skips scans whose source and settings have not changed, and a list of the scans that failed and
+why; it writes one safetensors file per scan and `index.json` (docs/samples-format.md).
 """
 from __future__ import annotations
 
@@ -19,154 +13,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from backend.geometry.alignment import apply_transform, rigid_transform
-from backend.geometry.heightfield import (
-    delaunay_heightfield,
-    non_manifold_edge_count,
-    self_intersecting_faces,
-    visible_vertices,
-)
-from backend.geometry.signed_distance import closest_points, heightfield_signed_distance
-
-from .landmarks import CANONICAL_LANDMARKS_MM, LANDMARK_NAMES, MM_PER_UNIT, NOSE_TIP, NOSE_TIP_DEPTH_MM
-from .scan_folder import DEFAULT_MAX_TRIANGLES, LoadedScan, ScanEntry, ScanError, load_scan, load_scan_folder
-
-FORMAT = "imface-samples/1"
-
-
-@dataclass
-class PreprocessConfig:
-    n_near: int = 125_000
-    n_uniform: int = 125_000
-    near_sigma_mm: float = 10.0        # N(0, 1 cm) offsets around the surface
-    n_surface: int = 50_000            # on-surface points with normals
-    landmark_tolerance_mm: float = 5.0  # a landmark farther than this from the mesh is "off the surface"
-    max_triangles: int = DEFAULT_MAX_TRIANGLES
-    check_self_intersections: bool = True
-    seed: int = 0
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class ScanSamples:
-    """What preprocessing produces for one scan (see docs/samples-format.md)."""
-
-    tensors: dict[str, np.ndarray]
-    warnings: list[str]
-    pseudo_watertight: tuple[np.ndarray, np.ndarray]  # (vertices, faces) in model units
-
-
-def normalization_transform(landmarks_mm: np.ndarray) -> np.ndarray:
-    """4x4 transform from the scan's frame (mm) to the normalised model frame."""
-    target_nose = np.array([0.0, 0.0, NOSE_TIP_DEPTH_MM])
-    aligned = rigid_transform(landmarks_mm, CANONICAL_LANDMARKS_MM, NOSE_TIP, target_nose)
-    scale = np.diag([1 / MM_PER_UNIT] * 3 + [1.0])
-    return scale @ aligned
-
-
-def _sample_in_unit_sphere(rng: np.random.Generator, n: int) -> np.ndarray:
-    direction = rng.standard_normal((n, 3))
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    return direction * rng.random(n)[:, None] ** (1 / 3)
-
-
-def _sample_on_surface(rng: np.random.Generator, vertices: np.ndarray, faces: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Area-uniform points on a triangle mesh, and the index of their triangle."""
-    a, b, c = (vertices[faces[:, i]] for i in range(3))
-    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
-    tri = rng.choice(len(faces), size=n, p=area / area.sum())
-    u, v = rng.random(n), rng.random(n)
-    outside = u + v > 1
-    u[outside], v[outside] = 1 - u[outside], 1 - v[outside]
-    points = a[tri] + u[:, None] * (b[tri] - a[tri]) + v[:, None] * (c[tri] - a[tri])
-    return points, tri
-
-
-def preprocess_scan(scan: LoadedScan, cfg: PreprocessConfig, dense: bool = False) -> ScanSamples:
-    """Run the §4.1 pipeline on one loaded scan. Raises ScanError for scans it cannot use."""
-    key = scan.entry.key
-    notes = list(scan.warnings)
-    rng = np.random.default_rng([cfg.seed, int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")])
-
-    # Landmarks must lie on the scan: one far from the surface means a wrong file or wrong indices.
-    lm_distance, _, _ = closest_points(scan.landmarks, scan.vertices, scan.faces)
-    off = lm_distance > cfg.landmark_tolerance_mm
-    if off.any():
-        names = ", ".join(f"{LANDMARK_NAMES[i]} ({lm_distance[i]:.1f} mm)" for i in np.flatnonzero(off))
-        raise ScanError(key, f"landmark(s) off the surface by more than {cfg.landmark_tolerance_mm} mm: {names}")
-
-    n_nonmanifold = non_manifold_edge_count(scan.faces)
-    if n_nonmanifold:
-        notes.append(f"non-manifold mesh: {n_nonmanifold} edges shared by more than two triangles "
-                     "(harmless here: the surface is rebuilt from the visible vertices)")
-
-    to_model = normalization_transform(scan.landmarks)
-    vertices = apply_transform(to_model, scan.vertices)
-    landmarks = apply_transform(to_model, scan.landmarks)
-
-    # Crop: keep triangles whose three vertices lie in the unit sphere.
-    inside = np.linalg.norm(vertices, axis=1) <= 1.0
-    faces = scan.faces[inside[scan.faces].all(axis=1)]
-    if len(faces) == 0:
-        raise ScanError(key, "no triangle lies within 10 cm of the point 4 cm behind the nose tip: "
-                             "is this a face scan with correct landmarks?")
-    if cfg.check_self_intersections:
-        crossing = self_intersecting_faces(vertices, faces)
-        if len(crossing):
-            notes.append(f"self-intersecting mesh: {len(crossing)} triangles cross others "
-                         "(hidden parts are removed and the surface rebuilt from what the viewer sees)")
-
-    used = np.zeros(len(vertices), dtype=bool)
-    used[faces] = True
-    visible = np.zeros(len(vertices), dtype=bool)
-    visible[used] = visible_vertices(vertices, faces)[used]
-    surface_vertices = vertices[visible]
-    if len(surface_vertices) < 100:
-        raise ScanError(key, f"only {len(surface_vertices)} visible vertices in the face region: "
-                             "the scan does not face +z or is too sparse")
-    try:
-        surface_faces = delaunay_heightfield(surface_vertices)
-    except Exception as exc:  # qhull errors on degenerate input
-        raise ScanError(key, f"cannot triangulate the visible surface: {exc}") from None
-    e1 = surface_vertices[surface_faces[:, 1]] - surface_vertices[surface_faces[:, 0]]
-    e2 = surface_vertices[surface_faces[:, 2]] - surface_vertices[surface_faces[:, 0]]
-    normals = np.cross(e1, e2)
-    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-300)
-
-    # Near-surface samples: surface points plus N(0, sigma) offsets, kept inside the sphere.
-    sigma = cfg.near_sigma_mm / MM_PER_UNIT
-    near_chunks, have = [], 0
-    while have < cfg.n_near:
-        base, _ = _sample_on_surface(rng, surface_vertices, surface_faces, int((cfg.n_near - have) * 1.1) + 16)
-        cand = base + rng.standard_normal(base.shape) * sigma
-        cand = cand[np.linalg.norm(cand, axis=1) <= 1.0]
-        near_chunks.append(cand)
-        have += len(cand)
-    near = np.concatenate(near_chunks)[: cfg.n_near]
-    uniform = _sample_in_unit_sphere(rng, cfg.n_uniform)
-    points = np.concatenate([near, uniform])
-    sdf, gradients = heightfield_signed_distance(points, surface_vertices, surface_faces, normals)
-
-    surface_points, surface_tri = _sample_on_surface(rng, surface_vertices, surface_faces, cfg.n_surface)
-    tensors = {
-        "points": points.astype(np.float32),
-        "sdf": sdf.astype(np.float32),
-        "gradients": gradients.astype(np.float32),
-        "surface_points": surface_points.astype(np.float32),
-        "surface_normals": normals[surface_tri].astype(np.float32),
-        "landmarks": landmarks.astype(np.float32),
-        "normalized_from_scan": to_model,
-    }
-    if dense:
-        tensors["dense_points"] = vertices.astype(np.float32)
-        tensors["dense_valid"] = (visible & inside).astype(np.uint8)
-    return ScanSamples(tensors, notes, (surface_vertices, surface_faces))
-
+from backend.scans.folder import ScanEntry, ScanError, load_scan, load_scan_folder
+from backend.scans.landmarks import LANDMARK_NAMES
+from backend.scans.samples import SAMPLES_FORMAT, PreprocessConfig, preprocess_scan
 
 # ----------------------------------------------------------------------------------------------
 # Batch over a folder
@@ -200,7 +51,7 @@ def _file_sha256(path: Path) -> str:
 def _entry_fingerprint(entry: ScanEntry, units: str, cfg: PreprocessConfig, dense: bool) -> str:
     lm = None if entry.landmarks_mm is None else entry.landmarks_mm.round(6).tolist()
     idx = None if entry.landmark_indices is None else entry.landmark_indices.tolist()
-    blob = json.dumps([FORMAT, cfg.fingerprint(), units, dense, lm, idx, _file_sha256(entry.path)])
+    blob = json.dumps([SAMPLES_FORMAT, cfg.fingerprint(), units, dense, lm, idx, _file_sha256(entry.path)])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -221,7 +72,7 @@ def _process_one(args: tuple[ScanEntry, str, PreprocessConfig, bool, Path, str])
     path = _sample_path(out_dir, entry.key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    meta = {"format": FORMAT, "fingerprint": fingerprint, "key": entry.key,
+    meta = {"format": SAMPLES_FORMAT, "fingerprint": fingerprint, "key": entry.key,
             "warnings": json.dumps(samples.warnings)}
     save_file(samples.tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written sample file
@@ -313,7 +164,7 @@ def _write_index(folder, out_dir: Path, cfg: PreprocessConfig, report: FolderRep
         with safe_open(str(_sample_path(out_dir, ok[0].key)), "np") as f:
             n_dense = int(f.get_slice("dense_points").get_shape()[0])
     index = {
-        "format": FORMAT,
+        "format": SAMPLES_FORMAT,
         "n_samples": cfg.n_near + cfg.n_uniform,
         "n_near": cfg.n_near,
         "landmark_names": list(LANDMARK_NAMES),
@@ -337,8 +188,3 @@ def _write_index(folder, out_dir: Path, cfg: PreprocessConfig, report: FolderRep
     tmp = out_dir / "index.json.tmp"
     tmp.write_text(json.dumps(index, indent=1))
     os.replace(tmp, out_dir / "index.json")
-
-
-def load_samples(path: str | Path) -> dict[str, np.ndarray]:
-    """Read one scan's samples (safetensors: no pickle)."""
-    return load_file(str(path))

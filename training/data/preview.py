@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from backend.geometry.normals import vertex_normals
+
 Mesh = tuple[np.ndarray, np.ndarray]
 
 #: Named views: yaw in degrees about +y (positive turns the face toward the viewer's left, showing its left side).
@@ -45,19 +47,6 @@ def view_bounds(meshes: Sequence[Mesh], view: str | float = "front", margin: flo
         hi = np.maximum(hi, pv[:, :2].max(0))
     pad = (hi - lo) * margin
     return float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1])
-
-
-def _vertex_normals(v: np.ndarray, f: np.ndarray) -> np.ndarray:
-    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
-    e1, e2 = b - a, c - a
-    fn = np.empty_like(e1)
-    fn[:, 0] = e1[:, 1] * e2[:, 2] - e1[:, 2] * e2[:, 1]
-    fn[:, 1] = e1[:, 2] * e2[:, 0] - e1[:, 0] * e2[:, 2]
-    fn[:, 2] = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-    idx = f.ravel()
-    n = np.stack([np.bincount(idx, weights=np.repeat(fn[:, k], 3), minlength=len(v)) for k in range(3)], 1)
-    length = np.linalg.norm(n, axis=1, keepdims=True)
-    return n / np.where(length > 0, length, 1.0)
 
 
 def render_mesh(vertices: np.ndarray, faces: np.ndarray, size: tuple[int, int] = (320, 400),
@@ -140,7 +129,7 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, size: tuple[int, int] =
             sel = np.nonzero(val[:, 2] >= zbuf[pix])[0]
             pix, t = pix[sel], tid[local_t[sel]]
             w1, w2 = val[sel, 0:1], val[sel, 1:2]
-            vn = _vertex_normals(v, f).astype(np.float32)
+            vn = vertex_normals(v, f).astype(np.float32)
             ft = f[t]
             n0 = vn[ft[:, 0]]
             n = n0 + w1 * (vn[ft[:, 1]] - n0) + w2 * (vn[ft[:, 2]] - n0)

@@ -36,7 +36,8 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator
 from scipy.ndimage import gaussian_filter
 
-from .landmarks import LANDMARK_NAMES
+from backend.geometry.normals import vertex_normals
+from backend.scans.landmarks import LANDMARK_NAMES
 
 # ----------------------------------------------------------------------------------------------------
 # Public tables
@@ -685,18 +686,6 @@ def _wrinkles(P: np.ndarray, Q: np.ndarray, idp: Mapping[str, float], au: Mappin
     return out
 
 
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals (vectorised)."""
-    a, b, c = (vertices[faces[:, i]] for i in range(3))
-    fn = np.cross(b - a, c - a)
-    n = np.zeros_like(vertices)
-    for i in range(3):
-        for k in range(3):
-            n[:, k] += np.bincount(faces[:, i], weights=fn[:, k], minlength=len(vertices))
-    length = np.linalg.norm(n, axis=1, keepdims=True)
-    return n / np.where(length > 0, length, 1.0)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The face
 # ----------------------------------------------------------------------------------------------------
@@ -880,5 +869,5 @@ __all__ = [
     "ACTION_UNITS", "EXPRESSIONS", "IDENTITY_PARAMETERS", "MEAN_IDENTITY", "SPACING_MM", "FaceTopology",
     "action_units", "detail_offsets", "face_topology", "generate_scan_folder", "jaw_hinge",
     "landmarks_from_vertices", "make_face",
-    "sample_identity", "vertex_normals", "write_ply",
+    "sample_identity", "write_ply",
 ]

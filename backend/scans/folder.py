@@ -58,6 +58,18 @@ class ScanFolder:
 
 
 @dataclass
+class UnitGuess:
+    """A scan whose landmarks say it is in other units than declared, and the factor applied."""
+
+    scale: float          # millimetres per unit of the file, as detected
+    eye_distance: float   # outer eye corners apart, in the declared units scaled to mm
+
+    def describe(self) -> str:
+        return (f"the scan looks like it is in {_unit_name(self.scale)} (outer eye corners "
+                f"{self.eye_distance:.4g} apart)")
+
+
+@dataclass
 class LoadedScan:
     """A scan ready for preprocessing: vertices in millimetres, landmarks in millimetres."""
 
@@ -66,6 +78,7 @@ class LoadedScan:
     faces: np.ndarray     # (T, 3) int64
     landmarks: np.ndarray  # (5, 3) float64 mm
     warnings: list[str]
+    unit_guess: UnitGuess | None = None  # set when the scan was rescaled from its detected units
 
 
 def _landmark_array(scan: str, value: Any, what: str) -> np.ndarray:
@@ -194,6 +207,7 @@ def load_scan(entry: ScanEntry, units: str = "mm", max_triangles: int = DEFAULT_
         raise ScanError(scan, "triangles refer to vertices that do not exist")
 
     notes: list[str] = []
+    unit_guess = None
     if entry.landmark_indices is not None:
         if entry.landmark_indices.max() >= len(vertices):
             raise ScanError(scan, f"landmark vertex index {int(entry.landmark_indices.max())} is out of range "
@@ -214,11 +228,11 @@ def load_scan(entry: ScanEntry, units: str = "mm", max_triangles: int = DEFAULT_
                                   f"apart, expected {EYE_DISTANCE_MM[0]:.0f}-{EYE_DISTANCE_MM[1]:.0f} mm: "
                                   "wrong landmarks or wrong units")
         scale *= guessed
-        notes.append(f"the scan looks like it is in {_unit_name(scale)} (outer eye corners "
-                     f"{eye_distance:.4g} apart); scaled by {scale:g} to millimetres")
+        unit_guess = UnitGuess(scale, eye_distance)
+        notes.append(f"{unit_guess.describe()}; scaled by {scale:g} to millimetres")
     vertices = vertices * scale
     landmarks = landmarks * scale
-    return LoadedScan(entry, vertices, faces, landmarks, notes)
+    return LoadedScan(entry, vertices, faces, landmarks, notes, unit_guess)
 
 
 def _guess_unit_scale(eye_distance: float) -> float | None:

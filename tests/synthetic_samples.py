@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from .data.landmarks import LANDMARK_NAMES
-
-FORMAT = "imface-samples/1"
+from backend.scans.landmarks import LANDMARK_NAMES
+from backend.scans.samples import SAMPLES_FORMAT
 
 # Landmark directions on the sphere (roughly where eye and mouth corners sit as seen from the centre).
 _LANDMARK_DIRS = np.array([[-0.55, 0.45, 0.70], [0.55, 0.45, 0.70], [0.0, 0.0, 1.0],
@@ -90,7 +89,7 @@ def write_synthetic_processed(folder: str | Path, n_identities: int = 3,
             scans.append({"key": key, "identity": ident, "identity_index": i, "expression": expr,
                           "expression_index": j, "neutral": neutral, "samples": f"{key}.safetensors",
                           "source": "synthetic", "warnings": []})
-    index = {"format": FORMAT, "n_samples": n_samples, "n_near": n_near,
+    index = {"format": SAMPLES_FORMAT, "n_samples": n_samples, "n_near": n_near,
              "landmark_names": list(LANDMARK_NAMES), "shared_topology": shared_topology,
              "n_dense": n_dense if shared_topology else None, "identities": identities,
              "expressions": list(expressions), "scans": scans, "failed": []}

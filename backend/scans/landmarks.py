@@ -28,7 +28,3 @@ CANONICAL_LANDMARKS_MM: np.ndarray = np.array(
     ],
     dtype=np.float64,
 )
-
-# ImFace++ §4.1: one model unit is 10 cm and the origin lies 4 cm behind the nose tip.
-MM_PER_UNIT = 100.0
-NOSE_TIP_DEPTH_MM = 40.0

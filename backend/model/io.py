@@ -1,4 +1,8 @@
-"""Checkpoints: one safetensors file per checkpoint, no pickle anywhere.
+"""The model file format: checkpoints and `model.safetensors`, one safetensors file each, no pickle.
+
+`build_model` is the one place an ImFacePlusPlus is built from its config (training and loading
+both call it); `load_model` reads a file back into a model; `model_fingerprint` is the content hash
+that ties codes files to their model.
 
 Layout of the file:
 * tensors `model/<name>`: the model's state_dict;
@@ -27,6 +31,9 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .imface import ImFacePlusPlus
 
 CHECKPOINT_FORMAT = "imface-train-checkpoint/1"
 
@@ -167,24 +174,33 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> Checkpoint:
     return ck
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Checkpoint]:
+def build_model(config: ModelConfig | dict[str, Any], n_identities: int, n_scans: int,
+                template_landmarks: torch.Tensor, template_dense: torch.Tensor | None = None) -> ImFacePlusPlus:
+    """A fresh (untrained) ImFace++ from its config and the sizes of its training set."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+    return ImFacePlusPlus(cfg, n_identities, n_scans, template_landmarks, template_dense)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[ImFacePlusPlus, Checkpoint]:
     """The trained ImFacePlusPlus of a checkpoint or model.safetensors, in eval mode, and its checkpoint.
 
     The embedding sizes come from the checkpoint's scan list; `ck.dataset["scans"][i]` is the scan whose
     expression/detail codes are row i (identity codes: `ck.dataset["identities"]`).
     """
-    from backend.model import ImFacePlusPlus, ModelConfig
-
     ck = load_checkpoint(path)
     try:
-        cfg = ModelConfig.from_dict(ck.config["model"])
         n_ids, n_scans = len(ck.dataset["identities"]), len(ck.dataset["scans"])
-        model = ImFacePlusPlus(cfg, n_ids, n_scans, ck.tensors["template_landmarks"],
-                               ck.tensors.get("template_dense"))
+        model = build_model(ck.config["model"], n_ids, n_scans, ck.tensors["template_landmarks"],
+                            ck.tensors.get("template_dense"))
         model.load_state_dict(ck.model_state)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: cannot rebuild the model from this checkpoint ({exc})") from None
     return model.to(device).eval(), ck
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """The model file's content hash (from its header: cheap), used to tie codes to their model."""
+    return read_metadata(path).get("content_sha256", "") or Path(path).name
 
 
 def restore_rng(ck: Checkpoint) -> None:

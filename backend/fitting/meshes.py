@@ -1,0 +1,45 @@
+"""Meshes of fitted faces, and the way from the model frame back to the scan's frame and units."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from backend.codes import check_codes
+from backend.geometry.extraction import extract_mesh
+from backend.model import FaceCodes, ImFacePlusPlus
+from backend.scans.frame import model_to_frame, to_scan_frame
+
+from .targets import FitTarget
+
+
+def extract_face_mesh(model: ImFacePlusPlus, codes: FaceCodes, resolution: int = 256, *,
+                      neutral: bool = False, normalized_from_scan: np.ndarray | None = None,
+                      with_detail: bool = True, chunk: int = 65536, return_stats: bool = False):
+    """Marching cubes of the face (narrow band, `backend.geometry.extraction.extract_mesh`).
+
+    Vertices come back in the scan's own frame and units when `normalized_from_scan` is given (the
+    inverse of the stored transform), else in the model frame in mm. Returns (vertices, faces[, stats]).
+    The mesh is the dense grid's (the extraction follows the surface wherever the learned SDF breaks
+    the narrow band's Lipschitz assumption; see the stats' sign_violations and closure_queries)."""
+    check_codes(model, codes)
+    with torch.no_grad():
+        fld = model.field(codes.detach(), neutral=neutral, frozen=True)
+        out = extract_mesh(lambda p: fld.sdf(p, with_detail=with_detail, chunk=chunk), resolution=resolution,
+                           chunk=chunk, inference_mode=False, return_stats=True,
+                           device=next(model.parameters()).device)
+    vertices, faces, stats = out
+    vertices = model_to_frame(vertices, normalized_from_scan)
+    return (vertices, faces, stats) if return_stats else (vertices, faces)
+
+
+def reference_mesh_mm(target: FitTarget) -> tuple[np.ndarray, np.ndarray] | None:
+    """The target's reference surface (pseudo-watertight, visible part) in the scan frame, in mm."""
+    if target.reference is None:
+        return None
+    v, f = target.reference
+    return scan_frame_mm(target, v), f
+
+
+def scan_frame_mm(target: FitTarget, points: np.ndarray) -> np.ndarray:
+    """Model-frame points -> the target's scan frame, in mm (whatever the scan's own units)."""
+    return to_scan_frame(points, normalized_from_scan=target.normalized_from_scan) * target.units_to_mm
