@@ -13,15 +13,13 @@ command line's `--set section.field=value`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
+from backend.config_loader import check_choices, config_from_dict, read_config_file
 from backend.model.config import ModelConfig
 
 CONFIG_FORMAT = "imface-train-config/1"
@@ -42,7 +40,7 @@ class DataConfig:
     max_samples_per_scan: int | None = None
     # "memory": every tensor in RAM (float32); "mmap": the big per-sample arrays memory-mapped from the
     # files, held once in the page cache for all DDP ranks of a machine (for paper-scale folders).
-    storage: str = "memory"
+    storage: Literal["memory", "mmap"] = "memory"
     workers: int = 0                   # DataLoader worker processes building batches ahead of the step
 
 
@@ -54,7 +52,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    schedule: str = "constant"         # constant | cosine | step
+    schedule: Literal["constant", "cosine", "step"] = "constant"
     warmup_steps: int = 0
     min_lr_factor: float = 0.1         # cosine: final lr = lr * min_lr_factor
     decay_every: int = 0               # step: multiply by decay_gamma every decay_every steps ...
@@ -179,11 +177,7 @@ class TrainConfig:
         fmt = d.pop("format", CONFIG_FORMAT)
         if fmt != CONFIG_FORMAT:
             raise ValueError(f"unsupported training config format {fmt!r} (expected {CONFIG_FORMAT!r})")
-        model = ModelConfig.from_dict(d.pop("model", {}))
-        sections = {name: _section_from_dict(klass, d.pop(name, {}) or {}, name)
-                    for name, klass in _SECTIONS.items()}
-        top = _section_from_dict(_TopLevel, d, "")
-        return cls(model=model, **sections, **asdict(top)).validate()
+        return config_from_dict(cls, d).validate()
 
     def save(self, path: str | Path) -> None:
         """Write JSON (or YAML for .yaml/.yml) atomically."""
@@ -200,30 +194,17 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a training config must be a mapping")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_file(path))
 
     def validate(self) -> "TrainConfig":
         """Reject values that would fail later and deep inside the run; returns self."""
+        check_choices(self)
         d, o, s = self.data, self.optim, self.schedule
         problems = []
         if d.scans_per_batch < 1 or d.points_per_scan < 1 or d.surface_points < 0:
             problems.append("data.scans_per_batch and data.points_per_scan must be >= 1")
         if not 0.0 <= d.near_fraction <= 1.0:
             problems.append("data.near_fraction must be in [0, 1]")
-        if d.storage not in ("memory", "mmap"):
-            problems.append("data.storage must be 'memory' or 'mmap'")
-        if o.schedule not in ("constant", "cosine", "step"):
-            problems.append("optim.schedule must be constant, cosine or step")
         if o.lr <= 0 or len(o.betas) != 2:
             problems.append("optim.lr must be > 0 and optim.betas two numbers")
         if not 0.0 <= s.stage2_start <= 1.0:
@@ -250,21 +231,6 @@ def steps_per_epoch(n_scans: int, scans_per_batch: int) -> int:
     return max(1, math.ceil(n_scans / scans_per_batch))
 
 
-@dataclass
-class _TopLevel:
-    """The scalar fields of TrainConfig, so that from_dict can check and coerce them like a section."""
-
-    preset: str = "custom"
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    output: str = "runs/imface"
-    progress: bool = True
-
-
-_SECTIONS: dict[str, type] = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-                              "preview": PreviewConfig}
-
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "paper": TrainConfig.paper,
     "cpu": TrainConfig.cpu,
@@ -277,68 +243,6 @@ def preset(name: str) -> TrainConfig:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
-
-
-# -------------------------------------------------------------------- dict -> dataclass helpers
-
-
-def _section_from_dict(klass: type, d: dict[str, Any], where: str) -> Any:
-    if not isinstance(d, dict):
-        raise ValueError(f"config section {where!r} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(klass)
-    names = {f.name for f in dataclasses.fields(klass)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(_join(where, u) for u in unknown)}")
-    return klass(**{k: _coerce(v, hints[k], _join(where, k)) for k, v in d.items()})
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a JSON/YAML value against a field's type hint, converting the harmless cases (int→float)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{where}: expected a string, got {value!r}")
-    return value
 
 
 def parse_value(text: str) -> Any:

@@ -9,8 +9,12 @@ fixed number of points (1,500 steps by default).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 from backend.codes import PARTS
+from backend.config_loader import config_from_dict
+
+CodePart = Literal["identity", "expression", "detail"]
 
 
 @dataclass
@@ -23,7 +27,7 @@ class FitStage:
     free: int = 1024                # free-space samples per step (point-cloud targets)
     lr: float = 3e-3                # Adam learning rate at the start of the stage
     lr_end: float | None = None     # cosine decay to this at the end of the stage (None: constant)
-    codes: tuple[str, ...] = PARTS  # the codes this stage moves (the others stay where they are)
+    codes: tuple[CodePart, ...] = PARTS  # the codes this stage moves (the others stay where they are)
     detail: bool = True             # the full f (with DetailNet) or the base f̂
     gradient_terms: bool = True     # normal + Eikonal terms on the surface points (a double backward)
 
@@ -41,6 +45,14 @@ class FitSchedule:
     def evaluations(self, free: bool = False) -> int:
         """SDF point queries the schedule makes (f and f̂ alike)."""
         return sum(s.steps * (s.points + s.surface + (s.free if free else 0)) for s in self.stages)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FitSchedule":
+        """A schedule from JSON/YAML data (the one config loader: typed, bad fields named)."""
+        return config_from_dict(cls, d, "schedule")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @classmethod
     def fast(cls) -> "FitSchedule":

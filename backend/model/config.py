@@ -1,7 +1,8 @@
 """Configuration of the ImFace++ model (sizes, SIREN frequencies, loss weights).
 
 Everything here is a plain dataclass so that a config can be written into a checkpoint with
-`dataclasses.asdict(cfg)` (JSON-serialisable) and read back with `ModelConfig.from_dict(d)`.
+`dataclasses.asdict(cfg)` (JSON-serialisable) and read back with `ModelConfig.from_dict(d)` (the one
+config loader, `backend.config_loader`: typed, fixed choices, bad fields named).
 
 Sizes follow ImFace++ §4.2 (`ModelConfig.paper()`); `ModelConfig.cpu()` keeps the same architecture
 with smaller widths so that a short training run on two CPU cores is feasible.
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from backend.config_loader import check_choices, config_from_dict
+
+WarpKind = Literal["se3", "translation"]
 
 
 @dataclass
@@ -70,8 +75,8 @@ class ModelConfig:
     landmark_width: int = 256
     landmark_layers: int = 3
     # Deformation types: ExpNet is an SE(3) field (§3.3.1); IDNet a translation field by default.
-    exp_warp: str = "se3"
-    id_warp: str = "translation"
+    exp_warp: WarpKind = "se3"
+    id_warp: WarpKind = "translation"
     # DetailNet refinement displacement (eq. 7): d = max * tanh(D(p'')), attenuation
     # χ(s) = 1 / (1 + (s / attenuation)^4) as in IDF; the base SDF value in χ and the base normal are
     # detached (IDF / official code), which avoids a third-order backward through the base chain.
@@ -85,7 +90,7 @@ class ModelConfig:
     # Learning-rate multiplier of the latent codes relative to the networks (parameter_groups).
     code_lr_scale: float = 1.0
     # "batched": the K mini-nets in one bmm per layer; "looped": the reference loop over K.
-    blend_impl: str = "batched"
+    blend_impl: Literal["batched", "looped"] = "batched"
     loss: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:
@@ -96,31 +101,16 @@ class ModelConfig:
                 if getattr(self, name) % self.n_landmarks:
                     raise ValueError(f"{name}={getattr(self, name)} must be divisible by "
                                      f"n_landmarks={self.n_landmarks} when split_code is True")
-        if self.exp_warp not in ("se3", "translation") or self.id_warp not in ("se3", "translation"):
-            raise ValueError("exp_warp / id_warp must be 'se3' or 'translation'")
-        if self.blend_impl not in ("batched", "looped"):
-            raise ValueError("blend_impl must be 'batched' or 'looped'")
+        check_choices(self)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "model") -> "ModelConfig":
         """Inverse of `dataclasses.asdict`; unknown keys are an error (they are usually typos)."""
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig keys: {sorted(unknown)}")
-        loss = d.pop("loss", None)
-        if isinstance(loss, dict):
-            loss_known = {f.name for f in dataclasses.fields(LossWeights)}
-            bad = set(loss) - loss_known
-            if bad:
-                raise ValueError(f"unknown LossWeights keys: {sorted(bad)}")
-            loss = LossWeights(**loss)
-        return cls(**d, **({"loss": loss} if loss is not None else {}))
+        return config_from_dict(cls, d, where)
 
     # ------------------------------------------------------------------ presets
     @classmethod

@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
+from backend.config_loader import config_from_dict
 from backend.geometry.alignment import apply_transform
 from backend.geometry.heightfield import (
     delaunay_heightfield,
@@ -44,6 +46,11 @@ class PreprocessConfig:
     max_triangles: int = DEFAULT_MAX_TRIANGLES
     check_self_intersections: bool = True
     seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        """Settings from JSON/YAML data (the one config loader: typed, bad fields named)."""
+        return config_from_dict(cls, d, "preprocess")
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
