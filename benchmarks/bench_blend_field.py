@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backend.model import ImFacePlusPlus, ModelConfig  # noqa: E402
 from backend.scans.frame import MM_PER_UNIT, NOSE_TIP_DEPTH_MM  # noqa: E402
 from backend.scans.landmarks import CANONICAL_LANDMARKS_MM  # noqa: E402
+from tests.looped_blend_field import local_fields_looped, use_looped  # noqa: E402
 
 
 def template_landmarks() -> torch.Tensor:
@@ -99,11 +100,11 @@ def compare(model: ImFacePlusPlus, batch: dict, stage: int) -> dict[str, float]:
     m64 = copy.deepcopy(model).double()
     b64 = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
     for impl in ("batched", "looped"):
-        model.set_blend_impl(impl)
-        m64.set_blend_impl(impl)
+        use_looped(model, impl == "looped")
+        use_looped(m64, impl == "looped")
         res[impl] = _outputs(model, batch, stage)
         res[impl + "64"] = _outputs(m64, b64, stage)
-    model.set_blend_impl("batched")
+    use_looped(model, False)
 
     def mx(a: torch.Tensor, b: torch.Tensor) -> float:
         return (a.double() - b.double()).abs().max().item()
@@ -138,18 +139,18 @@ def bench(model: ImFacePlusPlus, batch: dict, stage: int, rounds: int, iters: in
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {"batched": [], "looped": []}
     for impl in ("batched", "looped"):  # warm-up
-        model.set_blend_impl(impl)
+        use_looped(model, impl == "looped")
         step(model, batch, stage)
     for _ in range(rounds):             # interleaved rounds: both see the same machine load
         for impl in ("batched", "looped"):
-            model.set_blend_impl(impl)
+            use_looped(model, impl == "looped")
             sync(device)
             t0 = clock()
             for _ in range(iters):
                 step(model, batch, stage)
             sync(device)
             times[impl].append((clock() - t0) / iters)
-    model.set_blend_impl("batched")
+    use_looped(model, False)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -170,7 +171,7 @@ def block_breakdown(model: ImFacePlusPlus, batch: dict, rounds: int, device: tor
 
     parts = {
         "minis_batched": lambda x: f.local_fields(x, lm, z),
-        "minis_looped": lambda x: f.local_fields_looped(x, lm, z),
+        "minis_looped": lambda x: local_fields_looped(f, x, lm, z),
         "fusion": lambda x: f.blend_weights(x),
     }
     out: dict[str, list[float]] = {k: [] for k in parts}

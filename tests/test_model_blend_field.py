@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from backend.model.blend_field import BlendField, encoding_dim, siren_uniform_bound
+from looped_blend_field import use_looped
 
 K = 5
 
@@ -89,7 +90,7 @@ def test_batched_equals_looped_float32(code_dim: int | None) -> None:
     x, lm, z = _inputs(2, 256, code_dim)
     results = {}
     for impl in ("batched", "looped"):
-        f.impl = impl
+        use_looped(f, impl == "looped")
         f.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
         out = f(xx, lm, z)
@@ -109,7 +110,7 @@ def test_batched_equals_looped_float64() -> None:
     x, lm, z = _inputs(2, 64, 160, dtype=torch.float64)
     outs = []
     for impl in ("batched", "looped"):
-        f.impl = impl
+        use_looped(f, impl == "looped")
         f.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
         out = f(xx, lm, z)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from backend.model import FaceCodes, ImFacePlusPlus, ModelConfig
 from backend.scans.frame import MM_PER_UNIT, NOSE_TIP_DEPTH_MM
 from backend.scans.landmarks import CANONICAL_LANDMARKS_MM
+from looped_blend_field import use_looped
 
 N_ID, N_SCANS, V = 2, 4, 40
 STAGE1_KEYS = {"sdf", "normal", "eikonal", "embedding", "landmark_generation", "landmark_consistency",
@@ -194,7 +195,7 @@ def test_full_model_batched_equals_looped() -> None:
     b = {k: (v.double() if v.is_floating_point() else v) for k, v in _batch().items()}
     res = {}
     for impl in ("batched", "looped"):
-        model.set_blend_impl(impl)
+        use_looped(model, impl == "looped")
         model.zero_grad(set_to_none=True)
         out = model(b, stage=2, kappa=0.5)
         out["total"].backward()

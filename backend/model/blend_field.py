@@ -7,14 +7,13 @@ of the position relative to the landmark l_n. Its weights are either plain param
 generated per latent code by a hyper-net (ExpNet, IDNet, DetailNet). w(x): softmax output of a fusion
 MLP on the absolute position.
 
-Two evaluations share the same parameters:
-* batched (default): the K mini-nets of all B codes run as ONE `baddbmm` per layer, weights stacked
+Evaluation: the K mini-nets of all B codes run as ONE `baddbmm` per layer, weights stacked
   on a leading K*B dimension (as NPHM's EnsembledLinear); the hyper-net outputs are computed once
   per code batch (`batched_weights`) and reused by every call of the forward pass, ω is folded into
   them, the sine layers use a fused double backward, and the positional encoding of the K relative
   positions is one sin and one cos, fed to the first layer without concatenation.
-* looped (reference): a Python loop over the K mini-nets as the official ImFace code does, hyper-net
-  evaluated inside the loop. Used by the equality test and the benchmark only.
+The straightforward reference (a Python loop over the K mini-nets, as the official ImFace code does)
+lives with the tests (tests/looped_blend_field.py), which check the two agree; the benchmark times both.
 """
 from __future__ import annotations
 
@@ -110,7 +109,6 @@ class BlendField(nn.Module):
         hyper_hidden, hyper_out_scale: hyper-nets (one ReLU hidden layer per generated tensor).
         split_code: give local hyper-net n the n-th slice of the code (official ImFace code).
         fusion_width, fusion_layers, fusion_layernorm: fusion MLP on the absolute position.
-        impl: "batched" or "looped" (reference).
         fused_sine: batched sine layers use `_Sine` (cheaper double backward, but not three times
             differentiable); False when third derivatives are needed.
     """
@@ -119,7 +117,7 @@ class BlendField(nn.Module):
                  pe_freqs: int, pe_include_input: bool = True, code_dim: int | None = None,
                  hyper_hidden: int = 32, hyper_out_scale: float = 1e-2, split_code: bool = True,
                  fusion_width: int = 128, fusion_layers: int = 3, fusion_layernorm: bool = True,
-                 impl: str = "batched", fused_sine: bool = True) -> None:
+                 fused_sine: bool = True) -> None:
         super().__init__()
         self.fused_sine = fused_sine
         self.n_regions = n_regions
@@ -127,7 +125,6 @@ class BlendField(nn.Module):
         self.omega = float(omega)
         self.pe_freqs = pe_freqs
         self.pe_include_input = pe_include_input
-        self.impl = impl
         self.fusion_layernorm = fusion_layernorm
         in_dim = encoding_dim(pe_freqs, pe_include_input)
         if in_dim == 0:
@@ -277,11 +274,9 @@ class BlendField(nn.Module):
         """Blend-field value (B, N, out) at points x (B, N, 3).
 
         landmarks: (B, K, 3) or (K, 3). code: (B, C) for a conditioned field. weights: output of
-        `batched_weights(code)` to reuse across calls (batched impl only). frozen: no gradients to
+        `batched_weights(code)` to reuse across calls. frozen: no gradients to
         this field's parameters (gradients w.r.t. x and through given weights still flow).
         """
-        if self.impl == "looped":
-            return self.forward_looped(x, landmarks, code, frozen=frozen)
         local = self.local_fields(x, landmarks, code, weights=weights, frozen=frozen)  # (K, B, N, out)
         w = self.blend_weights(x, frozen=frozen)                                        # (B, N, K)
         # Σ_n w_n ψ_n as multiply + sum over K (an einsum here becomes B*N tiny GEMMs on CPU).
@@ -316,44 +311,3 @@ class BlendField(nn.Module):
 
     def _sin(self, z: torch.Tensor) -> torch.Tensor:
         return sine(z) if self.fused_sine else torch.sin(z)
-
-    # ------------------------------------------------------------------ reference implementation
-    def _local_params_looped(self, k: int, code: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Parameters of mini-net k only, (B|1, out, in) and (B|1, out): the hyper-net of region k."""
-        if not self.conditioned:
-            return [(w[k].unsqueeze(0), b[k].unsqueeze(0)) for w, b in zip(self.weights, self.biases)]
-        c = self.local_code_dim
-        z = code[:, k * c:(k + 1) * c] if self.split_code else code
-        flat = []
-        for j in range(len(self.param_shapes)):
-            h = torch.relu(z @ self.hyper_in_weight[k, j].t() + self.hyper_in_bias[k, j])
-            flat.append(h @ self.hyper_out_weight[j][k].t() + self.hyper_out_bias[j][k])
-        B = z.shape[0]
-        return [(flat[2 * i].reshape(B, *self.param_shapes[2 * i]),
-                 flat[2 * i + 1].reshape(B, *self.param_shapes[2 * i + 1]))
-                for i in range(len(self.layer_shapes))]
-
-    def local_fields_looped(self, x: torch.Tensor, landmarks: torch.Tensor, code: torch.Tensor | None = None,
-                            frozen: bool = False) -> torch.Tensor:
-        """Reference: the K local fields one mini-net after the other, (B, N, K, out)."""
-        landmarks = self._landmarks(landmarks, x.shape[0])
-        last = len(self.layer_shapes) - 1
-        outputs = []
-        for k in range(self.n_regions):
-            rel = x - landmarks[:, k].unsqueeze(1)
-            h = positional_encoding(rel, self.pe_freqs, self.pe_include_input)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-                params = self._local_params_looped(k, code)                      # hyper-net of region k
-            for i, (w, b) in enumerate(params):
-                h = h.matmul(w.transpose(-1, -2)) + b.unsqueeze(-2)
-                if i < last:
-                    h = torch.sin(self.omega * h)
-            outputs.append(h.unsqueeze(2))                                       # (B, N, 1, out)
-        return torch.cat(outputs, dim=2)                                         # (B, N, K, out)
-
-    def forward_looped(self, x: torch.Tensor, landmarks: torch.Tensor, code: torch.Tensor | None = None,
-                       frozen: bool = False) -> torch.Tensor:
-        """Straightforward reference: one mini-net after the other (official ImFace structure)."""
-        outputs = self.local_fields_looped(x, landmarks, code, frozen=frozen)
-        w = self.blend_weights(x, frozen=frozen)
-        return torch.sum(w.unsqueeze(-1) * outputs, dim=2)

@@ -89,8 +89,9 @@ class ModelConfig:
     kappa_t_m: float = 0.0
     # Learning-rate multiplier of the latent codes relative to the networks (parameter_groups).
     code_lr_scale: float = 1.0
-    # "batched": the K mini-nets in one bmm per layer; "looped": the reference loop over K.
-    blend_impl: Literal["batched", "looped"] = "batched"
+    # The K mini-nets run in one bmm per layer; the one choice is kept so that every model file
+    # (they all store it) still loads. The looped reference is in tests/looped_blend_field.py.
+    blend_impl: Literal["batched"] = "batched"
     loss: LossWeights = field(default_factory=LossWeights)
 
     def __post_init__(self) -> None:

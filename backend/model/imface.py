@@ -92,8 +92,7 @@ class ImFacePlusPlus(nn.Module):
         common = dict(n_regions=K, pe_freqs=cfg.pe_freqs, pe_include_input=cfg.pe_include_input,
                       hyper_hidden=cfg.hyper_hidden, hyper_out_scale=cfg.hyper_out_scale,
                       split_code=cfg.split_code, fusion_width=cfg.fusion_width,
-                      fusion_layers=cfg.fusion_layers, fusion_layernorm=cfg.fusion_layernorm,
-                      impl=cfg.blend_impl)
+                      fusion_layers=cfg.fusion_layers, fusion_layernorm=cfg.fusion_layernorm)
         # Without detached base normals, stage 2 differentiates E, I, T three times: plain torch.sin.
         base = dict(common, fused_sine=cfg.detail_detach_base)
         exp_out = 6 if cfg.exp_warp == "se3" else 3
@@ -120,14 +119,6 @@ class ImFacePlusPlus(nn.Module):
                              None if template_dense is None else template_dense.detach().clone().float())
 
     # ------------------------------------------------------------------ bookkeeping
-    def set_blend_impl(self, impl: str) -> None:
-        """'batched' or 'looped' (reference) for every Mini-Nets block; parameters are shared."""
-        if impl not in ("batched", "looped"):
-            raise ValueError(impl)
-        self.cfg.blend_impl = impl
-        for f in (self.exp_net, self.id_net, self.template_net, self.detail_net):
-            f.impl = impl
-
     def _stage_modules(self, stage: int) -> tuple[list[nn.Module], list[nn.Module]]:
         if stage == 1:
             return ([self.exp_net, self.id_net, self.template_net, self.landmark_observed,
@@ -167,10 +158,9 @@ class ImFacePlusPlus(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             lm = self.landmark_observed(torch.cat((codes.expression, codes.identity), dim=-1), tmpl)
             lm_c = self.landmark_canonical(codes.identity, tmpl)
-            # (the looped reference regenerates its weights inside every call, as ImFace does)
-            exp_w = self.exp_net.batched_weights(codes.expression) if self.exp_net.impl == "batched" else None
-            id_w = self.id_net.batched_weights(codes.identity) if self.id_net.impl == "batched" else None
-            tmp_w = self.template_net.batched_weights() if self.template_net.impl == "batched" else None
+            exp_w = self.exp_net.batched_weights(codes.expression)
+            id_w = self.id_net.batched_weights(codes.identity)
+            tmp_w = self.template_net.batched_weights()
         return FaceContext(codes, lm, lm_c, exp_w, id_w, tmp_w, frozen)
 
     @staticmethod
@@ -233,7 +223,7 @@ class ImFacePlusPlus(nn.Module):
         """The per-codes context (Landmark-Nets, hyper-net weights of E, I, T and D), computed once."""
         frozen = (not torch.is_grad_enabled()) if frozen is None else frozen
         ctx = self._context(codes, frozen=frozen)
-        if detail and self.detail_net.impl == "batched":
+        if detail:
             # (the detail code is never detached by `frozen`: stage two and fitting train it)
             ctx.det_w = self.detail_net.batched_weights(codes.detail)
         return ctx
