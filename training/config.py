@@ -5,7 +5,7 @@ optimiser, schedule and preview settings. Presets are named configurations, not 
 
 * `TrainConfig.paper()`: ImFace++ §4.2 (Adam, lr 1e-4, 1,500 epochs, minibatches of 48) for GPUs.
 * `TrainConfig.cpu()`: the small model on the embedded default data (ict-faces, 192 scans), sized to
-  reach a recognisable face in about 15 minutes on 2 CPU cores.
+  reach a recognisable face in a short run on 2 CPU cores (README: the main job).
 * `TrainConfig.tiny()`: a smoke-test size (seconds), used by tests and `--preset tiny`.
 
 Configs load from and save to JSON or YAML (plain data, never pickle). `apply_overrides` implements the
@@ -127,18 +127,14 @@ class TrainConfig:
 
     @classmethod
     def cpu(cls) -> "TrainConfig":
-        """Small model on the default data: a recognisable face within 15 minutes on 2 cores."""
+        """Small model on the default data: a recognisable face in a short run on 2 CPU cores."""
         return cls(
             model=ModelConfig.cpu(),
             data=DataConfig(points_per_scan=1024, near_fraction=0.75, surface_points=256,
                             scans_per_batch=4, dense_points=None, workers=0),
             # A higher rate than the paper's: few steps, small batches, and small networks.
             optim=OptimConfig(lr=5e-4, schedule="cosine", warmup_steps=50, min_lr_factor=0.1),
-            # Measured on this project's 2-core machine (default data, 88 scans): 1 thread takes 0.27 s per
-            # stage-one step and 0.51 s per stage-two step when idle, 0.46 / ~0.8 s when other jobs share
-            # the cores; 2 threads are faster when idle (0.18 / 0.30 s) but stall badly under contention
-            # (median 0.9 s, spikes of 10+ s: OpenMP threads wait on each other), hence threads=1.
-            # 1,600 steps: ~9 minutes idle, ~14 minutes shared. The face is recognisable from ~500 steps.
+            # One thread: two OpenMP threads stall badly when other jobs share two cores (README, Decisions).
             schedule=ScheduleConfig(steps=1600, epochs=None, stage2_start=0.8, log_every=1,
                                     checkpoint_every=200, keep_checkpoints=1, preview_every=400,
                                     curve_every=100),

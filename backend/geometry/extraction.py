@@ -28,9 +28,8 @@ function at a small fraction of the points. How:
   cross, and `_close_crossings` keeps evaluating the corners of crossing cells until none is left
   unevaluated: it follows the dense grid's surface across every cell face that really crosses the
   level. Every connected piece of the dense surface that the narrow band touched therefore comes out
-  whole and identical; only a piece that no kept cell reached could be missed. On a trained cpu-preset
-  model (`benchmarks/bench_extraction.py --checkpoint ...`) the meshes are identical at 128³ and 256³
-  although thousands of certificates are wrong, mostly far from the face.
+  whole and identical; only a piece that no kept cell reached could be missed
+  (`benchmarks/bench_extraction.py --checkpoint ...` compares the two on a trained model).
 
 Outside the sampling sphere the model is undefined (ImFace++ crops everything to the unit sphere);
 with `outside_positive=True` (default) points with |p| > radius are not queried and get the value

@@ -121,7 +121,7 @@ class ModelConfig:
 
     @classmethod
     def cpu(cls) -> "ModelConfig":
-        """Same architecture, smaller: for a ~10 minute training run on two CPU cores.
+        """Same architecture, smaller: for a short training run on two CPU cores.
 
         Codes 80-d (16 per region), 4 frequency bands, narrower detail/fusion/landmark nets and
         fewer dense correspondences per batch.

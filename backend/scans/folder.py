@@ -177,7 +177,7 @@ def _ply_face_count(path: Path) -> int | None:
 
 def load_scan(entry: ScanEntry, units: str = "mm", max_triangles: int = DEFAULT_MAX_TRIANGLES) -> LoadedScan:
     """Read one scan's mesh and landmarks, in millimetres, and check them. Raises ScanError."""
-    import trimesh  # deferred: importing trimesh costs ~0.3 s and the manifest check does not need it
+    import trimesh  # deferred: importing trimesh is slow and the manifest check does not need it
 
     scan = entry.key
     if not entry.path.is_file():
