@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from backend.codes import check_codes
-from backend.geometry.extraction import extract_mesh
+from backend.geometry.extraction import ExtractionStats, extract_mesh
 from backend.model import FaceCodes, ImFacePlusPlus
 from backend.scans.frame import model_to_frame, to_scan_frame
 
@@ -14,7 +14,8 @@ from .targets import FitTarget
 
 def extract_face_mesh(model: ImFacePlusPlus, codes: FaceCodes, resolution: int = 256, *,
                       neutral: bool = False, normalized_from_scan: np.ndarray | None = None,
-                      with_detail: bool = True, chunk: int = 65536, return_stats: bool = False):
+                      with_detail: bool = True, chunk: int = 65536, return_stats: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, ExtractionStats]:
     """Marching cubes of the face (narrow band, `backend.geometry.extraction.extract_mesh`).
 
     Vertices come back in the scan's own frame and units when `normalized_from_scan` is given (the
