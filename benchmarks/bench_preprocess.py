@@ -32,9 +32,9 @@ def main() -> None:
     import trimesh
 
     from backend.geometry.signed_distance import closest_points
-    from backend.scans.samples import preprocess_scan, PreprocessConfig
-    from training.data.preprocess import preprocess_folder
     from backend.scans.folder import load_scan, load_scan_folder
+    from backend.scans.samples import PreprocessConfig, preprocess_scan
+    from training.data.preprocess import preprocess_folder
 
     scans = args.scans
     if not (scans / "manifest.json").is_file():
