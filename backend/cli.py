@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     from backend.model_commands import add_model_commands
 
     add_model_commands(sub)  # fit, extract, decode, evaluate: the commands that use a trained model
+    from backend.server.cli import add_server_commands
+
+    add_server_commands(sub)  # serve, keygen: the backend process the Blender extension talks to
     return parser
 
 
