@@ -1,15 +1,19 @@
-"""Blender side of the product (bpy only; it must never import torch).
+"""ImFace Faces: the Blender extension (bpy only; it never imports torch).
 
-Planned (not built yet): a panel that starts or connects to the backend process, face objects whose
-identity/expression/detail codes are keyframable properties, and a frame-change handler that asks the
-backend for vertices over ZeroMQ and writes them with `foreach_set`. Until then this package registers
-nothing, so enabling it is harmless.
+Blender loads this folder as `bl_ext.<repo>.imface`. Nothing here imports bpy at the top level: the
+Blender layer (preferences, properties, operators, panel, handlers) is imported by `register()`, so the
+bpy-free parts (`link/`, `units`, `codes`, `session`) can be imported and tested without Blender.
 """
+from __future__ import annotations
 
 
 def register() -> None:
-    pass
+    from . import registration
+
+    registration.register()
 
 
 def unregister() -> None:
-    pass
+    from . import registration
+
+    registration.unregister()
