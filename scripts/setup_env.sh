@@ -26,4 +26,6 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   "$PY" -m pip install --quiet -e "$ROOT[test]"
   touch "$STAMP"
 fi
+# Blender as a Python module, for the extension's build, its tests and the main job (once, ~370 MB).
+bash "$ROOT/scripts/setup_blender.sh"
 export PATH="$VENV/bin:$PATH"
