@@ -135,7 +135,8 @@ class Session:
             pass
         home = connection_file.parent
         cmd = [python, "-m", "backend.server", "serve", "--model", str(model), "--connection-file",
-               str(connection_file), "--home", str(home), "--keys", str(home / "keys")]
+               str(connection_file), "--home", str(home), "--keys", str(home / "keys"),
+               "--parent-pid", str(os.getpid())]
         if device:
             cmd += ["--device", device]
         if threads:
@@ -370,17 +371,10 @@ class Session:
 
     def _poll(self, seconds: float) -> None:
         """Sleep until a message arrives on the client's sockets (or `seconds`)."""
-        tr = getattr(self.client, "_transport", None)
-        socks = [s for s in (getattr(tr, "dealer", None), getattr(tr, "sub", None)) if s is not None]
-        if not socks:
+        if self.client is None:
             time.sleep(max(0.0, seconds))
-            return
-        import zmq
-
-        poller = zmq.Poller()
-        for s in socks:
-            poller.register(s, zmq.POLLIN)
-        poller.poll(max(1, int(seconds * 1000)))
+        else:
+            self.client.wait_readable(seconds)
 
     def request(self, type: str, body: Mapping[str, Any] | None = None, *, timeout: float | None = None) -> dict:
         self.require_ready()

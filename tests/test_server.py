@@ -733,3 +733,22 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_a_backend_stops_when_the_process_that_launched_it_is_gone(tmp_path):
+    """--parent-pid (the add-on passes Blender's pid): the backend outlives nothing it was launched for."""
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sp = start_server(tmp_path / "orphan", extra=["--parent-pid", str(parent.pid)])
+    try:
+        time.sleep(1.0)
+        assert sp.alive(), sp.output()          # its parent still runs: it keeps serving
+        parent.kill()
+        parent.wait(5)
+        t0 = time.monotonic()
+        assert wait_for(lambda: not sp.alive(), 10.0), sp.output()
+        assert time.monotonic() - t0 < 3.0
+        assert sp.proc.returncode == 0
+        assert not sp.connection_file.exists()  # the clean shutdown path ran
+    finally:
+        parent.kill()
+        sp.stop()

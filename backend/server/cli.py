@@ -44,7 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        device=args.device, threads=args.threads, workers=args.workers,
                        worker_threads=args.worker_threads, nice=args.nice,
                        template_resolution=args.template_resolution, cache_bytes=int(args.cache_mb * 2**20),
-                       max_decoders=args.max_decoders, max_upload=int(args.max_upload_mb * 2**20), log_file=log_file)
+                       max_decoders=args.max_decoders, max_upload=int(args.max_upload_mb * 2**20), log_file=log_file,
+                       parent_pid=args.parent_pid)
     server = Server(cfg)
     install_signal_handlers(server)
     try:
@@ -112,6 +113,8 @@ def add_server_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=1024, help="total size of uploads held at once")
     p.add_argument("--log-file", help="log file (default ~/.imface/logs/server.log)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process ends (the Blender that launched the backend), unless training")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("keygen", help="create (or rotate) the CURVE keys; --client adds an allowed client")

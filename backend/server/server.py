@@ -73,6 +73,8 @@ class ServerConfig:
     log_file: Path | None = None
     limits: P.Limits = P.DEFAULT_LIMITS
     heartbeat_s: float = P.HEARTBEAT_INTERVAL_S
+    parent_pid: int | None = None       # stop when this process is gone (the Blender that launched us),
+                                        # unless a training job runs: the next Blender attaches to it
 
 
 class Server:
@@ -212,6 +214,10 @@ class Server:
                 if now >= next_hb:
                     self._heartbeat()
                     next_hb = now + self.cfg.heartbeat_s
+                    if self._orphaned():
+                        log.info("the launching process (pid %s) is gone and no training runs: stopping",
+                                 self.cfg.parent_pid)
+                        break
                 timeout_ms = max(0, int((next_hb - time.monotonic()) * 1000))
                 try:
                     ready = dict(poller.poll(timeout_ms))
@@ -299,6 +305,18 @@ class Server:
                                     copy=False)
         except zmq.ZMQError:
             pass  # a subscriber that cannot keep up loses broadcasts, never blocks the loop
+
+    def _orphaned(self) -> bool:
+        pid = self.cfg.parent_pid
+        if pid is None or self.jobs.training is not None:
+            return False
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # it exists, under another user
+            return False
+        return False
 
     def _heartbeat(self) -> None:
         self._hb_seq += 1
