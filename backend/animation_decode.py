@@ -26,10 +26,14 @@ import torch
 from backend.codes import check_codes
 from backend.correspondence import to_template
 from backend.geometry.extraction import extract_mesh
+from backend.geometry.mesh_cleanup import clean_mesh
 from backend.geometry.normals import vertex_normals
 from backend.model import FaceCodes, ImFacePlusPlus
 from backend.scans.frame import MM_PER_UNIT, model_to_frame
 from backend.warp_inversion import Inversion, invert_warp
+
+# Template edges shorter than this fraction of a marching-cubes cell are collapsed (mesh_cleanup).
+TEMPLATE_MIN_EDGE_CELLS = 0.1
 
 
 @dataclass
@@ -65,21 +69,6 @@ class TemplateMesh:
         return cls(v, f, t.astype(np.float32), 0)
 
 
-def _largest_component(faces: np.ndarray, n_vertices: int) -> np.ndarray:
-    """Faces of the largest edge-connected piece (stray marching-cubes islands are dropped)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if len(faces) == 0:
-        return faces
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    adj = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n_vertices, n_vertices))
-    _, labels = connected_components(adj, directed=False)
-    face_label = labels[faces[:, 0]]
-    best = np.bincount(face_label).argmax()
-    return faces[face_label == best]
-
-
 def extract_template_mesh(model: ImFacePlusPlus, resolution: int = 160, crop_mm: float = 4.0,
                           radius: float = 0.95) -> TemplateMesh:
     """Marching cubes of the template SDF T (no codes), cropped to the face region.
@@ -105,12 +94,11 @@ def extract_template_mesh(model: ImFacePlusPlus, resolution: int = 160, crop_mm:
         d, _ = cKDTree(dense).query(vertices, k=1, workers=-1)
         keep_v &= d <= crop_mm / MM_PER_UNIT
     faces = faces[keep_v[faces].all(1)]
-    faces = _largest_component(faces, len(vertices))
-    used = np.unique(faces)
-    remap = np.full(len(vertices), -1, dtype=np.int64)
-    remap[used] = np.arange(len(used))
-    vertices = vertices[used].astype(np.float32)
-    faces = remap[faces]
+    if len(faces) == 0:
+        raise RuntimeError("the template SDF has no surface in the face region: is this a trained model?")
+    # Slivers and hanging triangles collapsed, largest piece kept: with them, warm and cold decodes of
+    # the same codes drift apart at the boundary (see mesh_cleanup).
+    vertices, faces = clean_mesh(vertices, faces, TEMPLATE_MIN_EDGE_CELLS * 2.0 / resolution)
     with torch.no_grad():
         t = model.template_sdf(torch.from_numpy(vertices).to(device).unsqueeze(0))[0].cpu().numpy()
     return TemplateMesh(vertices, faces, t.astype(np.float32), resolution)
@@ -175,7 +163,7 @@ class TopologyDecoder:
     """
 
     def __init__(self, model: ImFacePlusPlus, template: TemplateMesh | None = None, resolution: int = 160,
-                 tolerance: float = 1e-5, flag_tolerance: float = 1e-4, max_iters: int = 40,
+                 tolerance: float = 1e-6, flag_tolerance: float = 1e-4, max_iters: int = 40,
                  secant_predictor: bool = True) -> None:
         self.model = model
         self.template = template if template is not None else extract_template_mesh(model, resolution)

@@ -34,13 +34,6 @@ TRAIN_MODULE = "training.train"        # python -m training.train --preset P --d
 CLI_MODULE = "backend.cli"             # python -m backend.cli preprocess SCANS --out DIR / make-default --out DIR
 # ---------------------------------------------------------------------------------------------------
 
-# The server's decode tolerance: the product default (1e-5) leaves warm and cold decodes of the same
-# codes up to ~3e-4 model units apart at the template's crop boundary; 1e-6 together with the cleaned
-# template (`clean_template_mesh`) keeps them within 1e-4 (measured: <= 6e-5 at 160^3) for ~15 % time.
-DECODE_TOLERANCE = 1e-6
-# Template edges shorter than this fraction of a marching-cubes cell are collapsed (slivers make the
-# per-vertex normals, and so the decoded vertices, needlessly sensitive to the solver's last digits).
-TEMPLATE_MIN_EDGE_CELLS = 0.1
 
 class ModelUnusable(ValueError):
     """A model file that loads but cannot serve (its template has no surface: not trained enough)."""
@@ -68,61 +61,12 @@ def describe_device(device: torch.device) -> str:
 # ------------------------------------------------------------------------------------------ template
 
 
-def clean_mesh(vertices: np.ndarray, faces: np.ndarray, min_edge: float,
-               ear_passes: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Collapse edges shorter than `min_edge` (cluster mean), drop degenerate and duplicate triangles,
-    trim triangles hanging off the boundary by one vertex (2+ boundary edges), keep the largest piece."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    V = np.asarray(vertices, np.float64)
-    F = np.asarray(faces, np.int64)
-    n = len(V)
-    e = np.concatenate([F[:, [0, 1]], F[:, [1, 2]], F[:, [2, 0]]])
-    short = e[np.linalg.norm(V[e[:, 0]] - V[e[:, 1]], axis=1) < min_edge]
-    g = coo_matrix((np.ones(len(short)), (short[:, 0], short[:, 1])), shape=(n, n))
-    k, labels = connected_components(g, directed=False)
-    cnt = np.bincount(labels, minlength=k).astype(np.float64)
-    pos = np.zeros((k, 3))
-    np.add.at(pos, labels, V)
-    pos /= cnt[:, None]
-    F = labels[F]
-    F = F[(F[:, 0] != F[:, 1]) & (F[:, 1] != F[:, 2]) & (F[:, 2] != F[:, 0])]
-    _, first = np.unique(np.sort(F, axis=1), axis=0, return_index=True)
-    F = F[np.sort(first)]
-    for _ in range(ear_passes):
-        edges = np.sort(np.stack([F[:, [0, 1]], F[:, [1, 2]], F[:, [2, 0]]], 1), axis=2).reshape(-1, 2)
-        _, inv, c = np.unique(edges, axis=0, return_inverse=True, return_counts=True)
-        ears = (c[inv.reshape(-1)] == 1).reshape(-1, 3).sum(1) >= 2
-        if not ears.any():
-            break
-        F = F[~ears]
-    if len(F) == 0:  # nothing usable left (an untrained template): keep the mesh as it was
-        return np.asarray(vertices, np.float32), np.asarray(faces, np.int64)
-    m = len(pos)
-    e = np.concatenate([F[:, [0, 1]], F[:, [1, 2]], F[:, [2, 0]]])
-    _, lab = connected_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(m, m)), directed=False)
-    fl = lab[F[:, 0]]
-    F = F[fl == np.bincount(fl).argmax()]
-    used = np.unique(F)
-    remap = np.full(m, -1, np.int64)
-    remap[used] = np.arange(len(used))
-    return pos[used].astype(np.float32), remap[F]
-
-
 def build_template(model: Any, resolution: int) -> TemplateMesh:
-    """The server's template mesh: the product's template extraction, cleaned (see clean_mesh)."""
+    """The template mesh of the animation decode; a model with no template surface cannot serve."""
     try:
-        raw = extract_template_mesh(model, resolution)
+        return extract_template_mesh(model, resolution)
     except RuntimeError as exc:
         raise ModelUnusable(str(exc)) from None
-    if len(raw.faces) == 0:
-        raise ModelUnusable("the template SDF has no surface in the face region: is this model trained?")
-    v, f = clean_mesh(raw.vertices, raw.faces, TEMPLATE_MIN_EDGE_CELLS * 2.0 / resolution)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        t = model.template_sdf(torch.from_numpy(v).to(device).unsqueeze(0))[0].cpu().numpy()
-    return TemplateMesh(v, f, t.astype(np.float32), resolution)
 
 
 def template_uvs(vertices: np.ndarray) -> np.ndarray:
@@ -135,7 +79,7 @@ def template_uvs(vertices: np.ndarray) -> np.ndarray:
 
 
 def new_decoder(model: Any, template: TemplateMesh) -> TopologyDecoder:
-    return TopologyDecoder(model, template, tolerance=DECODE_TOLERANCE)
+    return TopologyDecoder(model, template)
 
 
 def new_reference_decoder(model: Any, template: TemplateMesh) -> TopologyDecoder:
