@@ -96,12 +96,14 @@ def one_thread():
 
 
 def trained_codes(model, ck, key: str):
-    """The trained codes of training scan `key`, and whether it is a neutral scan."""
+    """The trained codes of training scan `key`, and whether it was trained with the expression warp off
+    (and so must be reconstructed that way)."""
     from backend.codes import training_face_codes
+    from backend.fitting.loop import training_warp_off
 
     i = [row["key"] for row in ck.dataset["scans"]].index(key)
     row = ck.dataset["scans"][i]
-    return training_face_codes(model, i, row["identity_index"]), bool(row["neutral"])
+    return training_face_codes(model, i, row["identity_index"]), training_warp_off(bool(row["neutral"]))
 
 
 def model_for_benchmark(model: str | None, threads: int | None, tag: str):

@@ -6,6 +6,8 @@ optimiser, schedule and preview settings. Presets are named configurations, not 
 * `TrainConfig.paper()`: ImFace++ §4.2 (Adam, lr 1e-4, 1,500 epochs, minibatches of 48) for GPUs.
 * `TrainConfig.cpu()`: the small model on the embedded default data (ict-faces, 192 scans), sized to
   reach a recognisable face in a short run on 2 CPU cores (README: the main job).
+* `TrainConfig.quality()`: the cpu preset's networks trained longer on more points (about an hour on 2 CPU
+  cores; a GPU when there is one): the held-out quality figures of docs/training-quality.md.
 * `TrainConfig.tiny()`: a smoke-test size (seconds), used by tests and `--preset tiny`.
 
 Configs load from and save to JSON or YAML (plain data, never pickle). `apply_overrides` implements the
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from backend.config_loader import check_choices, config_from_dict, read_config_file
+from backend.fitting.loop import NEUTRAL_POLICY
 from backend.model.config import ModelConfig
 
 CONFIG_FORMAT = "imface-train-config/1"
@@ -61,6 +64,9 @@ class OptimConfig:
     # §3.5: "we symmetrically adjust the learning rates ... in proportion to the loss weight": in stage two
     # a parameter group tagged with a κ weight has its lr multiplied by that weight.
     kappa_scaled_lr: bool = True
+    # Stage two's learning rate (DetailNet and the detail codes) relative to `lr`: the detail field starts
+    # from scratch at T_m while the rest is trained, so it may take a larger step than stage one's end.
+    detail_lr_scale: float = 1.0
     grad_clip: float | None = None     # max global grad norm; None: no clipping (paper)
 
 
@@ -71,6 +77,9 @@ class ScheduleConfig:
     steps: int | None = None           # total optimiser steps; wins over epochs when both are set
     epochs: int | None = 100           # one epoch = every scan seen once (ceil(n_scans / B) steps)
     stage2_start: float = 0.5          # T_m of §3.5: fraction of training after which stage two runs
+    # Fraction of stage two over which κ rises from 0 to 1 (the cosine ramp of losses.kappa_schedule);
+    # 1.0 spreads it over the whole stage (the paper's T_m..1), smaller values hold κ = 1 afterwards.
+    kappa_ramp: float = 1.0
     log_every: int = 1                 # JSONL metrics line every k steps (and the progress bar postfix)
     checkpoint_every: int = 500        # steps between checkpoints (one is also written at the end)
     keep_checkpoints: int = 2          # numbered checkpoints kept besides last.safetensors (0: only last)
@@ -104,6 +113,13 @@ class TrainConfig:
     # bit-reproducible; on a machine shared with other busy processes, 1 avoids OpenMP stalls.
     threads: int | None = None
     output: str = "runs/imface"        # run directory
+    # A model file (model.safetensors or a checkpoint of the same data and model config) whose weights
+    # start the run instead of a fresh initialisation; with schedule.stage2_start = 0 the run is a
+    # stage-two-only refinement (DetailNet and detail codes) of that model.
+    init_from: str = ""
+    # How neutral-labelled scans are treated (backend.fitting.loop.NEUTRAL_POLICY, whose training half this
+    # is): "train_switch" and "switch" train them with the expression warp off (eq. 12), "code" with it on.
+    neutral_policy: Literal["train_switch", "switch", "code"] = NEUTRAL_POLICY  # type: ignore[assignment]
     progress: bool = True              # tqdm bar on rank 0
 
     # ---------------------------------------------------------------- presets
@@ -128,8 +144,12 @@ class TrainConfig:
     @classmethod
     def cpu(cls) -> "TrainConfig":
         """Small model on the default data: a recognisable face in a short run on 2 CPU cores."""
+        model = ModelConfig.cpu()
+        # λ4 1e5 -> 1e4: the code prior was the largest measured cause of washed-out expressions
+        # (docs/training-quality.md: capture on training scans 0.42 -> 0.48, held-out 0.02 -> 0.18).
+        model.loss.embedding = 1e4
         return cls(
-            model=ModelConfig.cpu(),
+            model=model,
             data=DataConfig(points_per_scan=1024, near_fraction=0.75, surface_points=256,
                             scans_per_batch=4, dense_points=None, workers=0),
             # A higher rate than the paper's: few steps, small batches, and small networks.
@@ -143,6 +163,23 @@ class TrainConfig:
             threads=1,
             output="runs/imface-cpu",
         )
+
+    @classmethod
+    def quality(cls) -> "TrainConfig":
+        """Between `cpu` and `paper`: about an hour on 2 CPU cores (a GPU is used when there is one).
+
+        The cpu preset's networks trained ~3x longer on 1.5x the points per scan, with a longer stage two
+        (1,000 steps: the detail field keeps improving with its length, docs/training-quality.md)."""
+        cfg = cls.cpu()
+        cfg.data = DataConfig(points_per_scan=1536, near_fraction=0.75, surface_points=384,
+                              scans_per_batch=4, dense_points=None, workers=0)
+        cfg.optim = OptimConfig(lr=5e-4, schedule="cosine", warmup_steps=100, min_lr_factor=0.05)
+        cfg.schedule = ScheduleConfig(steps=5000, epochs=None, stage2_start=0.8, log_every=5,
+                                      checkpoint_every=250, keep_checkpoints=1, preview_every=1000,
+                                      curve_every=250)
+        cfg.preset = "quality"
+        cfg.output = "runs/imface-quality"
+        return cfg
 
     @classmethod
     def tiny(cls) -> "TrainConfig":
@@ -205,6 +242,10 @@ class TrainConfig:
             problems.append("optim.lr must be > 0 and optim.betas two numbers")
         if not 0.0 <= s.stage2_start <= 1.0:
             problems.append("schedule.stage2_start (T_m) must be in [0, 1] (1: no stage two)")
+        if not 0.0 < s.kappa_ramp <= 1.0:
+            problems.append("schedule.kappa_ramp must be in (0, 1]")
+        if o.detail_lr_scale <= 0:
+            problems.append("optim.detail_lr_scale must be > 0")
         if s.steps is None and s.epochs is None:
             problems.append("schedule.steps or schedule.epochs must be set")
         if s.log_every < 1:
@@ -230,6 +271,7 @@ def steps_per_epoch(n_scans: int, scans_per_batch: int) -> int:
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "paper": TrainConfig.paper,
     "cpu": TrainConfig.cpu,
+    "quality": TrainConfig.quality,
     "tiny": TrainConfig.tiny,
 }
 

@@ -184,6 +184,8 @@ class Trainer:
         self.stage = 0          # no stage entered yet; update_step enters the first one
         self.optimizer: torch.optim.Optimizer | None = None
         self.net: torch.nn.Module = self.model
+        if ck is None and self.cfg.init_from:
+            self._init_from(Path(self.cfg.init_from))
         if ck is not None:
             self._check_same_data(ck)
             try:
@@ -242,6 +244,16 @@ class Trainer:
         merged.output = new.output
         self.cfg = merged
 
+    def _init_from(self, path: Path) -> None:
+        """Start from another run's weights (same data, same model config): e.g. a stage-two-only run."""
+        init = load_checkpoint(path)
+        self._check_same_data(init)
+        try:
+            self.model.load_state_dict(init.model_state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights do not fit this model configuration ({exc})") from None
+        self.log(f"weights from {path}")
+
     def _check_same_data(self, ck: Any) -> None:
         keys = [s["key"] for s in ck.dataset.get("scans", [])]
         mine = [s.key for s in self.data.scans]
@@ -284,8 +296,6 @@ class Trainer:
     # ================================================================== schedules
     def update_step(self, step: int) -> StepSchedule:
         """The one place where progress-dependent behaviour is decided (stage, κ, learning rates)."""
-        from backend.model import kappa_schedule
-
         progress = step / max(1, self.total_steps)
         t_m = float(self.cfg.schedule.stage2_start)
         s2 = self._stage2_step()
@@ -298,11 +308,14 @@ class Trainer:
                          "staying in stage two")
                 self._warned_stage = True
             stage = self.stage
-        # κ: weight of the detail loss L_f (0 throughout stage one, where forward() ignores it).
-        kappa = float(kappa_schedule(progress, t_m)) if stage == 2 else 0.0
+        # κ: weight of the detail loss L_f (0 throughout stage one, where forward() ignores it), rising
+        # over the first `kappa_ramp` of stage two.
+        kappa = stage_two_kappa(progress, t_m, self.cfg.schedule.kappa_ramp) if stage == 2 else 0.0
         if stage != self.stage:
             self._enter_stage(stage)
         factor = self._lr_factor(step, stage)
+        if stage == 2:
+            factor *= float(self.cfg.optim.detail_lr_scale)
         for g in self.optimizer.param_groups:  # type: ignore[union-attr]
             g["lr"] = g["initial_lr"] * factor * self._kappa_lr_factor(g, kappa)
         return StepSchedule(step=step, progress=progress, stage=stage, kappa=kappa, lr_factor=factor)
@@ -470,7 +483,7 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.net.train()
         self.optimizer.zero_grad(set_to_none=True)  # type: ignore[union-attr]
-        out = self.net(batch, stage=s.stage, kappa=s.kappa)
+        out = self.net(batch, stage=s.stage, kappa=s.kappa, neutral_switch=self.cfg.neutral_policy != "code")
         total = out["total"]
         total.backward()
         if self.cfg.optim.grad_clip:
@@ -612,6 +625,16 @@ class Trainer:
 # ====================================================================== helpers
 
 
+def stage_two_kappa(progress: float, t_m: float, ramp: float = 1.0) -> float:
+    """κ at run progress t (losses.kappa_schedule's cosine), rising from 0 at T_m to 1 at
+    T_m + ramp (1 - T_m) and held at 1 after (ramp = 1: over the whole of stage two)."""
+    from backend.model import kappa_schedule
+
+    span = max(1e-12, float(ramp)) * (1.0 - t_m)
+    t = t_m + min(1.0, max(0.0, (progress - t_m) / span)) * (1.0 - t_m)
+    return float(kappa_schedule(t, t_m))
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     if tmp.exists():
@@ -711,8 +734,12 @@ def render_training_faces(model: torch.nn.Module, data: ProcessedScans, cfg: Tra
 
 def _extract(face: FaceField, detail: bool, resolution: int, chunk: int,
              device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
-    """Zero level set over the unit sphere (narrow-band marching cubes: the dense grid's mesh)."""
+    """Zero level set over the unit sphere (narrow-band marching cubes: the dense grid's mesh), trimmed to
+    the face region like every mesh the product hands out (`backend.fitting.meshes.face_only`)."""
+    from backend.fitting.meshes import face_only
+
     # inference_mode off: with DetailNet the SDF takes a gradient of the base field internally.
     v, f = extract_mesh(lambda p: face.sdf(p, with_detail=detail, chunk=None), resolution=resolution,
                         chunk=chunk, device=device, inference_mode=False)
+    v, f = face_only(face, v, f, chunk=chunk)
     return (v, f) if len(f) else None

@@ -272,10 +272,11 @@ class ImFacePlusPlus(nn.Module):
             return self._base(xb, ctx, neutral).sdf
 
     # ------------------------------------------------------------------ training losses
-    def forward(self, batch: dict[str, torch.Tensor], stage: int = 1, kappa: float = 1.0) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], stage: int = 1, kappa: float = 1.0,
+                neutral_switch: bool = True) -> dict[str, torch.Tensor]:
         """Training losses of a batch (see compute_losses); codes from the embeddings."""
         codes = self.codes(batch["scan_index"], batch["identity_index"])
-        return self.compute_losses(batch, codes, stage=stage, kappa=kappa)
+        return self.compute_losses(batch, codes, stage=stage, kappa=kappa, neutral_switch=neutral_switch)
 
     def _correspondences(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, tuple | None]:
         """Observed points and their canonical / template targets for eq. 17.
@@ -305,7 +306,9 @@ class ImFacePlusPlus(nn.Module):
     def _base_terms(self, batch: dict[str, torch.Tensor], ctx: FaceContext, neutral: torch.Tensor, base: _Base,
                     g_obs: torch.Tensor, g_can: torch.Tensor, tgt_sdf: torch.Tensor,
                     tgt_normals: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The eq. 19 terms of L_f̂ (weighted) from a base pass; correspondences get their own pass."""
+        """The eq. 19 terms of L_f̂ (weighted) from a base pass; correspondences get their own pass.
+        neutral: the scans whose warp is switched off; the eq.-12 term uses the neutral labels."""
+        labelled = batch["neutral"].bool()
         W = self.cfg.loss
         t: dict[str, torch.Tensor] = {}
         t["sdf"] = W.sdf * L.sdf_loss(base.sdf, tgt_sdf)
@@ -330,21 +333,25 @@ class ImFacePlusPlus(nn.Module):
                         else L.l1_loss(warped.template[:, :k], sparse[2]))
         t["landmark_consistency"] = W.landmark_consistency * (can_term + tmp_term)
         t["residual"] = W.residual * L.residual_loss(base.delta)
-        t["expression"] = W.expression * L.expression_loss(base.exp_raw - x, neutral)
+        t["expression"] = W.expression * L.expression_loss(base.exp_raw - x, labelled)
         return t
 
     def compute_losses(self, batch: dict[str, torch.Tensor], codes: FaceCodes, stage: int = 1,
-                       kappa: float = 1.0) -> dict[str, torch.Tensor]:
+                       kappa: float = 1.0, neutral_switch: bool = True) -> dict[str, torch.Tensor]:
         """Weighted loss terms and their "total" for explicitly given codes (training or fitting).
 
         Stage 1: L_f̂ (eq. 19): keys sdf, normal, eikonal, embedding, landmark_generation,
         landmark_consistency, residual, expression; total = their sum.
         Stage 2: L_f (eq. 20) keys sdf, normal, eikonal, embedding (with the detail code prior) and
         base = L_f̂ (its value: E, I, T are fixed); total = κ L_f + (1 - κ) L_f̂.
+        neutral_switch: neutral scans skip the expression warp (eq. 12 as a hard switch: the
+        "train_switch" and "switch" neutral policies); False sends them through E with their own code
+        ("code"), the eq.-12 term still pulling E toward the identity map for them.
         """
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        neutral = batch["neutral"].bool()
+        labelled = batch["neutral"].bool()
+        neutral = labelled if neutral_switch else torch.zeros_like(labelled)
         pts = torch.cat((batch["points"], batch["surface_points"]), dim=1)
         tgt_sdf = torch.cat((batch["sdf"], batch["points"].new_zeros(batch["surface_points"].shape[:2])), dim=1)
         tgt_n = torch.cat((batch["gradients"], batch["surface_normals"]), dim=1)

@@ -46,7 +46,7 @@ MAX_FACE_CHARS = 128
 MAX_STREAM_FRAMES = 10_000
 MAX_STREAMS_PER_CLIENT = 16
 MAX_SAMPLES = 1_000
-TRAIN_PRESETS = ("tiny", "cpu", "paper")
+TRAIN_PRESETS = ("tiny", "cpu", "quality", "paper")
 FIT_OPTIONS = {"units", "neutral", "partial", "camera", "view_direction", "schedule", "steps", "resolution",
                "seed", "noise_mm", "registered", "landmark_indices"}
 

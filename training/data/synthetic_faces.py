@@ -816,6 +816,22 @@ def write_ply(path: Path, vertices: np.ndarray, faces: np.ndarray, comment: str 
         fh.write(rec.tobytes())
 
 
+def person_detail_seed(seed: int, person: int) -> int:
+    """The skin-texture / wrinkle seed of person `person` of a folder generated with `seed`."""
+    return int(np.random.default_rng([int(seed), int(person), 1]).integers(0, 2 ** 31 - 1))
+
+
+def scan_detail_offsets(manifest: Mapping, entry: Mapping) -> dict[str, np.ndarray]:
+    """The ground-truth fine detail of one scan of a generated folder, per vertex in mm along the normal
+    ({"skin": texture, nonzero on every skin vertex; "wrinkles": negative in the grooves}), from its
+    manifest (`generator.seed`, the entry's identity parameters, expression and intensity): where the
+    detail a refinement field should reproduce lies."""
+    seed = int(manifest["generator"]["seed"])
+    person = int(str(entry["identity"]).lstrip("id"))
+    return detail_offsets(entry["identity_parameters"], entry["expression"],
+                          float(entry.get("expression_intensity", 1.0)), person_detail_seed(seed, person))
+
+
 def generate_scan_folder(out_dir: str | Path, n_identities: int = 8, seed: int = 0,
                          expressions: Sequence[str] | None = None,
                          intensity_range: tuple[float, float] = (0.8, 1.0)) -> Path:
@@ -833,7 +849,7 @@ def generate_scan_folder(out_dir: str | Path, n_identities: int = 8, seed: int =
     for i in range(n_identities):
         name = f"id{i:02d}"
         identity = sample_identity(np.random.default_rng([int(seed), i, 0]))
-        detail_seed = int(np.random.default_rng([int(seed), i, 1]).integers(0, 2 ** 31 - 1))
+        detail_seed = person_detail_seed(seed, i)
         (out / name).mkdir(exist_ok=True)
         for e in exprs:
             # Seeded by (seed, person, expression name): independent of which expressions are asked for.
@@ -868,6 +884,6 @@ def generate_scan_folder(out_dir: str | Path, n_identities: int = 8, seed: int =
 __all__ = [
     "ACTION_UNITS", "EXPRESSIONS", "IDENTITY_PARAMETERS", "MEAN_IDENTITY", "SPACING_MM", "FaceTopology",
     "action_units", "detail_offsets", "face_topology", "generate_scan_folder", "jaw_hinge",
-    "landmarks_from_vertices", "make_face",
-    "sample_identity", "write_ply",
+    "landmarks_from_vertices", "make_face", "person_detail_seed",
+    "sample_identity", "scan_detail_offsets", "write_ply",
 ]
