@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     from backend.model_commands import add_model_commands
 
     add_model_commands(sub)  # fit, extract, decode, evaluate: the commands that use a trained model
+    from training.data.raw_scans import add_raw_scans_command
+
+    add_raw_scans_command(sub)  # make-raw: a scan folder as a raw scanner would deliver it (robustness tests)
     from backend.server.cli import add_server_commands
 
     add_server_commands(sub)  # serve, keygen: the backend process the Blender extension talks to

@@ -146,7 +146,8 @@ def _fit_outputs(args: argparse.Namespace, model: Any, fingerprint: str, name: s
     written = {"codes": str(codes_path)}
     report = result.report
     if not args.no_mesh:
-        v, f = measure_fit(model, result, args.resolution, n_points=args.metric_points)  # metrics: full scans
+        v, f = measure_fit(model, result, args.resolution, n_points=args.metric_points,  # metrics: the face
+                           watertight=args.watertight)
         written["mesh"] = str(_write_mesh(out / f"{safe}.ply", v, f))
     if args.registered:
         from backend.animation_decode import TopologyDecoder
@@ -168,7 +169,8 @@ def _fit_outputs(args: argparse.Namespace, model: Any, fingerprint: str, name: s
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from backend.fitting import fit, target_from_input, target_from_scan
+    from backend.fitting import target_from_input, target_from_scan
+    from backend.fitting.pose import fit_posed
     from backend.scans.folder import ScanError, load_scan, load_scan_folder
     from backend.scans.inputs import read_fit_input
 
@@ -219,7 +221,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
             _say(args, f"warning {name}: {w}")
         bar, cb = _progress_bar(args, schedule.total_steps, f"fit {name}")
         try:
-            result = fit(model, target, schedule, seed=args.seed, progress=cb, neutral=neutral)
+            result = fit_posed(model, target, schedule, seed=args.seed, progress=cb, neutral=neutral,
+                               pose=not args.no_pose)
         finally:
             bar.close()
         rep = _fit_outputs(args, model, fingerprint, name, result)
@@ -250,9 +253,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     frame = _frame(args, entry)
     v_model, f = extract_face_mesh(model, entry.codes, args.resolution, neutral=entry.neutral,
-                                   with_detail=not args.no_detail)  # model frame, mm
+                                   with_detail=not args.no_detail, watertight=args.watertight)  # model frame, mm
     if len(f) == 0:
-        raise CommandError("the codes give no surface (is this a trained model?)")
+        raise CommandError("the codes give no surface (is this a trained model?)" if args.watertight else
+                           "no part of the surface lies on the face region the model was trained on (is this a "
+                           "trained model? --watertight writes the whole surface)")
     v = v_model if frame is None else to_scan_frame(v_model / MM_PER_UNIT, normalized_from_scan=frame)
     out = _write_mesh(Path(args.out), v, f)
     print(f"{len(v):,} vertices, {len(f):,} triangles ({args.resolution}³, {time.perf_counter() - t0:.1f} s) -> {out}")
@@ -297,7 +302,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from backend.evaluate import evaluate_folder
 
-    model, _, _ = _load_model(args.model)
+    model, ck, _ = _load_model(args.model)
     if not Path(args.scans).is_dir():
         raise CommandError(f"{args.scans} is not a scan folder")
     state: dict[str, Any] = {}
@@ -315,7 +320,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         table = evaluate_folder(model, args.scans, schedule=_schedule(args), resolution=args.resolution,
                                 region_radius_mm=args.region_mm, n_points=args.metric_points,
                                 keys=args.scan or None, seed=args.seed, progress=on_scan, fit_progress=on_step,
-                                neutral_labels=not args.ignore_neutral_labels)
+                                neutral_labels=not args.ignore_neutral_labels, region=args.region,
+                                pose=not args.no_pose,
+                                training_identities=(ck.dataset or {}).get("identities"))
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     finally:
@@ -324,7 +331,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     md, cp = table.write(args.out, args.csv)
     m = table.mean()
     print(table.to_markdown())
-    print(f"mean Chamfer-L1 {m['chamfer_mm']:.3f} mm over {len(table.rows)} scans -> {md}, {cp}")
+    print(f"mean Chamfer-L1 {m['chamfer_mm']:.3f} mm (exact {m['chamfer_exact_mm']:.3f} mm) over "
+          f"{len(table.rows)} scans -> {md}, {cp}")
     return 0
 
 
@@ -344,6 +352,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--steps", type=int, default=None, help="total steps (fast: scales its stages)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--metric-points", type=int, default=200_000, help="points per mesh for the metrics")
+        p.add_argument("--no-pose", action="store_true",
+                       help="keep the landmark placement as it is (default: refine it with the model first: "
+                            "hand-clicked landmarks are often a few mm off)")
 
     p = sub.add_parser("fit", help="fit the model to a scan folder, a mesh or a partial point cloud")
     p.add_argument("model", help="trained model (model.safetensors)")
@@ -365,6 +376,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mesh", action="store_true", help="write the codes only")
     p.add_argument("--registered", action="store_true", help="also write <name>.registered.ply in the "
                                                              "template topology (see `decode`)")
+    p.add_argument("--watertight", action="store_true",
+                   help="write the closed marching-cubes shell (the face plus the cap on the sampling sphere) "
+                        "instead of the face alone")
     p.add_argument("--template-resolution", type=int, default=160, help="template mesh grid for --registered")
     fitting(p)
     common(p)
@@ -380,6 +394,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="mesh file (.ply, .obj, .stl)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--no-detail", action="store_true", help="the base surface (no DetailNet)")
+    p.add_argument("--watertight", action="store_true",
+                   help="the closed marching-cubes shell (the face plus the cap on the sampling sphere) "
+                        "instead of the face alone")
     p.add_argument("--template-coords", metavar="PATH.npy",
                    help="also write each vertex's template-space coordinates (V x 3 float32, model units)")
     frame(p)
@@ -403,10 +420,13 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="Markdown table (the CSV goes next to it)")
     p.add_argument("--csv", help="CSV path (default: --out with .csv)")
     p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--region-mm", type=float, default=80.0, help="face region: ball around the nose tip")
+    p.add_argument("--region", choices=("sphere", "ball"), default="sphere",
+                   help="where surfaces are compared: the 100 mm sampling sphere (default) or a ball around the "
+                        "nose tip (--region-mm)")
+    p.add_argument("--region-mm", type=float, default=80.0, help="radius of --region ball")
     p.add_argument("--scan", action="append", help="only this scan (repeatable)")
     p.add_argument("--ignore-neutral-labels", action="store_true",
-                   help="fit neutral scans with an expression code too (default: expression warp off, as in training)")
+                   help="fit neutral scans with an expression code whatever the neutral policy says")
     fitting(p)
     common(p)
     p.set_defaults(func=_guard(_cmd_evaluate))

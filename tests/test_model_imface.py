@@ -86,15 +86,26 @@ def test_stage1_forward_backward() -> None:
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_stage2_trains_only_detail(freeze: bool) -> None:
+    from backend.model import losses as L
+
     model = _model()
     if freeze:
         model.freeze_for_stage(2)
-    out = model(_batch(), stage=2, kappa=0.3)
+    b = _batch()
+    out = model(b, stage=2, kappa=0.3)
     assert set(out) == STAGE2_KEYS
-    for k, v in out.items():
-        assert v.dim() == 0 and torch.isfinite(v), k
-    lf = out["sdf"] + out["normal"] + out["eikonal"] + out["embedding"]
-    assert torch.allclose(out["total"], 0.3 * lf + 0.7 * out["base"])
+    # The blend, from independent evaluations: κ = 1 is L_f alone (its four terms), κ = 0 is L_f̂ alone,
+    # and L_f̂ is the stage-one objective of the same batch plus the detail-code prior.
+    only_f = model(b, stage=2, kappa=1.0)["total"].detach()     # (autograd on: the losses take ∇f)
+    only_base = model(b, stage=2, kappa=0.0)["total"].detach()
+    stage1 = model(b, stage=1)["total"].detach()
+    codes = model.codes(b["scan_index"], b["identity_index"])
+    prior = model.cfg.loss.embedding_detail * L.embedding_loss(codes.detail).detach()
+    model.zero_grad(set_to_none=True)
+    assert torch.allclose(only_f, out["sdf"] + out["normal"] + out["eikonal"] + out["embedding"], rtol=1e-5)
+    assert torch.allclose(only_base, stage1 + prior, rtol=1e-5)
+    assert torch.allclose(out["total"], 0.3 * only_f + 0.7 * only_base, rtol=1e-5)
+    assert not torch.allclose(only_f, only_base)  # (the two objectives differ, so the blend is seen)
     out["total"].backward()
     ids = _groups(model)
     for p in model.parameters():
@@ -153,19 +164,64 @@ def test_neutral_suppression_is_exact_identity() -> None:
     assert torch.equal(t1[0], t2[0]) and not torch.equal(t1[1], t2[1])
 
 
+def _consistency(model: ImFacePlusPlus, b: dict, obs: torch.Tensor, canonical_target: torch.Tensor,
+                 template_target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """The eq.-17 term computed from the model's warps directly (E then I), with the training weight."""
+    from backend.model import losses as L
+
+    codes = model.codes(b["scan_index"], b["identity_index"])
+    face = model.field(codes, neutral=b["neutral"], detail=False)
+    can = face.to_canonical(obs)
+    tmp, _ = face.canonical_to_template(can)
+    return model.cfg.loss.landmark_consistency * (L.l1_loss(can, canonical_target, valid)
+                                                  + L.l1_loss(tmp, template_target, valid))
+
+
 def test_sparse_landmark_fallback_and_dense_without_template() -> None:
     for model_dense, batch_dense in ((False, False), (False, True), (True, False)):
         model = _model(dense=model_dense)
-        out = model(_batch(dense=batch_dense), stage=1)
-        assert torch.isfinite(out["landmark_consistency"]) and out["landmark_consistency"] > 0
+        b = _batch(dense=batch_dense)
+        out = model(b, stage=1)
+        tl = model.template_landmarks.expand(2, -1, -1)
+        with torch.no_grad():
+            if not batch_dense:
+                # no dense points: the five landmarks, to the neutral landmarks and the template landmarks
+                expected = _consistency(model, b, b["landmarks"], b["neutral_landmarks"], tl, None)
+            else:
+                # dense points but no template vertices: dense for E, the five landmarks for I∘E
+                from backend.model import losses as L
+
+                codes = model.codes(b["scan_index"], b["identity_index"])
+                face = model.field(codes, neutral=b["neutral"], detail=False)
+                can = face.to_canonical(b["dense_points"])
+                tmp = face.canonical_to_template(face.to_canonical(b["landmarks"]))[0]
+                expected = model.cfg.loss.landmark_consistency * (
+                    L.l1_loss(can, b["neutral_dense_points"], b["dense_valid"]) + L.l1_loss(tmp, tl))
+        assert torch.allclose(out["landmark_consistency"], expected, rtol=1e-5), (model_dense, batch_dense)
         out["total"].backward()
 
 
 def test_dense_subsampling_to_m() -> None:
     model = _model()
     model.cfg.dense_per_batch = 5
-    out = model(_batch(D=20), stage=1)
-    assert torch.isfinite(out["total"])
+    b = _batch(D=20)
+    torch.manual_seed(7)
+    out = model(b, stage=1)
+    torch.manual_seed(7)  # the same draw as inside forward: the m points the loss used
+    _, (obs, can, tmp, valid) = model._correspondences(b)
+    assert obs.shape == can.shape == tmp.shape == (2, 5, 3) and valid.shape == (2, 5)
+    # m distinct columns of the batch, each with its own targets (pairs kept together).
+    cols = [int((b["dense_points"][0] == obs[0, j]).all(-1).nonzero()[0, 0]) for j in range(5)]
+    assert len(set(cols)) == 5
+    assert torch.equal(can, b["neutral_dense_points"][:, cols]) and torch.equal(valid, b["dense_valid"][:, cols])
+    assert torch.equal(tmp[0], model.template_dense[b["dense_index"][cols]])
+    # ... and the loss is the one of these 5 points, not of all 20.
+    with torch.no_grad():
+        used = _consistency(model, b, obs, can, tmp, valid)
+        every = _consistency(model, b, b["dense_points"], b["neutral_dense_points"],
+                             model.template_dense[b["dense_index"]].expand(2, -1, -1), b["dense_valid"])
+    assert torch.allclose(out["landmark_consistency"], used, rtol=1e-5)
+    assert not torch.allclose(used, every, rtol=1e-3)
 
 
 def test_sdf_inference_and_warps() -> None:
@@ -180,8 +236,17 @@ def test_sdf_inference_and_warps() -> None:
     assert s.shape == s_base.shape == b["points"].shape[:2]
     assert tmpl.shape == b["points"].shape
     assert not s.requires_grad and torch.isfinite(s).all()
-    # detail displacement is bounded by max |d| (5 mm) and the SDF is ~1-Lipschitz-ish around it
-    assert (s - s_base).abs().max() < 1.0
+    # eq. 7-8: f(p) = f̂(p_b) with p_b = p + χ d n, |d| <= detail_max_displacement (5 mm = 0.05 units):
+    # so |f - f̂| is at most 5 mm times the base SDF's gradient norm along the way.
+    max_d = model.cfg.detail_max_displacement
+    assert max_d == pytest.approx(0.05)
+    x = b["points"].clone().requires_grad_(True)
+    with torch.enable_grad():
+        g, = torch.autograd.grad(model.field(codes, detail=False).sdf(x, with_detail=False).sum(), x)
+    lipschitz = 1.5 * float(g.norm(dim=-1).max())   # (a margin for the gradient's change over 5 mm)
+    diff = (s - s_base).abs()
+    assert float(diff.max()) <= max_d * lipschitz, (float(diff.max()), lipschitz)
+    assert float(diff.max()) > 0                     # the detail does move the surface
     # with grad: differentiable w.r.t. points and codes (fitting, eq. 21)
     x = b["points"].clone().requires_grad_(True)
     s2 = model.field(codes).sdf(x)

@@ -54,9 +54,14 @@ def test_short_run_lowers_the_loss(samples, tmp_path):
     cfg = tiny(samples, tmp_path / "run", steps=30, stage2_start=1.0)
     result = train(cfg, log=lambda m: None)
     assert not result.interrupted and result.step == 30 and result.stage == 1
-    total = [r["total"] for r in records(tmp_path / "run")]
-    assert len(total) == 30
-    assert sum(total[-5:]) / 5 < 0.7 * sum(total[:5]) / 5, total
+    recs = records(tmp_path / "run")
+    assert len(recs) == 30
+    # Not the total alone (the code prior can shrink it by itself): the SDF term, |f - s| at the batch's
+    # points, falls too. (The error in a 1 cm band around these random surfaces does not fall within
+    # 120 steps of this preset; the short run on real faces checks that: test_training_real_data.py.)
+    for term in ("total", "sdf"):
+        v = [r[term] for r in recs]
+        assert sum(v[-5:]) / 5 < 0.7 * sum(v[:5]) / 5, (term, v)
 
 
 def test_two_stages_outputs_and_exact_resume(samples, tmp_path):

@@ -1,7 +1,7 @@
 """Reading a user's scan folder: `manifest.json` plus meshes (OBJ, PLY, STL through trimesh).
 
-Schema (docs/scan-folder.md): per scan its path, identity, expression, neutral flag and the five
-landmarks, either as millimetre coordinates (`landmarks_mm`) or as vertex indices
+Schema (docs/scan-folder.md): per scan its path, identity, expression, neutral flag, optional `unseen`
+flag (an expression left out of training, reported apart by the evaluation) and the five landmarks, either as millimetre coordinates (`landmarks_mm`) or as vertex indices
 (`landmark_vertex_indices`, per scan or once for the folder). Every check here turns a bad input into
 a `ScanError` that names the scan and the problem, so a batch can list it and go on.
 """
@@ -46,6 +46,7 @@ class ScanEntry:
     neutral: bool
     landmarks_mm: np.ndarray | None  # (5, 3) in the manifest's units, or None when given as indices
     landmark_indices: np.ndarray | None
+    unseen: bool = False             # an expression the model was not trained on (evaluation reports it apart)
 
 
 @dataclass
@@ -140,6 +141,9 @@ def _parse_entry(root: Path, raw: Any, name: str, folder_indices: Any, seen: set
     neutral = raw.get("neutral", raw["expression"] == "neutral")
     if not isinstance(neutral, bool):
         raise ScanError(name, "'neutral' must be true or false")
+    unseen = raw.get("unseen", False)
+    if not isinstance(unseen, bool):
+        raise ScanError(name, "'unseen' must be true or false")
     landmarks = indices = None
     if "landmarks_mm" in raw:
         landmarks = _landmark_array(name, raw["landmarks_mm"], "landmarks_mm")
@@ -151,7 +155,7 @@ def _parse_entry(root: Path, raw: Any, name: str, folder_indices: Any, seen: set
         if np.any(values != np.round(values)) or np.any(values < 0):
             raise ScanError(name, "landmark vertex indices must be non-negative integers")
         indices = values.astype(np.int64)
-    return ScanEntry(key, path, raw["identity"], raw["expression"], neutral, landmarks, indices)
+    return ScanEntry(key, path, raw["identity"], raw["expression"], neutral, landmarks, indices, unseen)
 
 
 def _ply_face_count(path: Path) -> int | None:

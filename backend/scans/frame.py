@@ -1,9 +1,14 @@
 """The model frame, and the way from a scan's own frame into it and back.
 
 ImFace++ §4.1: one model unit is 10 cm and the origin lies 4 cm behind the nose tip; a scan is placed
-there by a rigid alignment of its five landmarks to the canonical ones (face size is kept: it is
-identity information). Every transform stored with samples, fits and codes files is this
-`normalized_from_scan` 4x4 (scan frame, mm -> model frame); `to_scan_frame` is its way back.
+there by a rigid alignment of its landmarks to the canonical ones (face size is kept: it is identity
+information). The rotation comes from the landmarks that do not move with the expression, the outer eye
+corners and the nose tip (`ALIGNMENT_LANDMARKS`): the mouth corners move with every smile and open
+mouth, and aligning on them tilted the whole head by a few degrees per expression (on ict-faces the
+forehead and nose bridge moved 5.8 mm on average between a person's neutral and expression scans with
+all five landmarks, 1.8 mm with these three: `python tests/test_alignment_jitter.py`). Every transform
+stored with samples, fits and codes files is this `normalized_from_scan` 4x4 (scan frame, mm -> model
+frame); `to_scan_frame` is its way back.
 """
 from __future__ import annotations
 
@@ -11,16 +16,30 @@ import numpy as np
 
 from backend.geometry.alignment import apply_transform, rigid_transform
 
-from .landmarks import CANONICAL_LANDMARKS_MM, NOSE_TIP
+from .landmarks import CANONICAL_LANDMARKS_MM, LANDMARK_NAMES, NOSE_TIP
 
 MM_PER_UNIT = 100.0        # one model unit in millimetres
 NOSE_TIP_DEPTH_MM = 40.0   # the nose tip sits at z = +40 mm in the model frame
 
+#: Landmarks the rotation is computed from, by alignment name: "eyes_nose" (default: the outer eye
+#: corners and the nose tip, which do not move with the expression) or "all_five" (the former rule).
+ALIGNMENTS: dict[str, tuple[int, ...]] = {
+    "eyes_nose": tuple(LANDMARK_NAMES.index(n) for n in ("right_eye_outer_corner", "left_eye_outer_corner",
+                                                         "nose_tip")),
+    "all_five": tuple(range(len(LANDMARK_NAMES))),
+}
+ALIGNMENT_LANDMARKS = ALIGNMENTS["eyes_nose"]
 
-def normalization_transform(landmarks_mm: np.ndarray) -> np.ndarray:
-    """4x4 transform from the scan's frame (mm) to the normalised model frame."""
+
+def normalization_transform(landmarks_mm: np.ndarray, alignment: str = "eyes_nose") -> np.ndarray:
+    """4x4 transform from the scan's frame (mm) to the normalised model frame: rotation from the
+    `alignment` landmarks (see ALIGNMENTS), then the nose tip placed at (0, 0, 40 mm), then mm -> units."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment {alignment!r} is not one of {', '.join(ALIGNMENTS)}")
+    idx = list(ALIGNMENTS[alignment])
     target_nose = np.array([0.0, 0.0, NOSE_TIP_DEPTH_MM])
-    aligned = rigid_transform(landmarks_mm, CANONICAL_LANDMARKS_MM, NOSE_TIP, target_nose)
+    lm = np.asarray(landmarks_mm, dtype=np.float64)
+    aligned = rigid_transform(lm[idx], CANONICAL_LANDMARKS_MM[idx], idx.index(NOSE_TIP), target_nose)
     scale = np.diag([1 / MM_PER_UNIT] * 3 + [1.0])
     return scale @ aligned
 
