@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backend.config_loader import read_json_file
 from backend.model import FaceCodes, ImFacePlusPlus
 
 CODES_FORMAT = "imface-codes/1"
@@ -131,13 +132,7 @@ def codes_from_json(data: Any, model: ImFacePlusPlus | None = None, where: str =
 
 
 def load_codes(path: str | Path, model: ImFacePlusPlus | None = None) -> FaceCodesFile:
-    path = Path(path)
-    if not path.is_file():
-        raise CodesError(f"codes file {path} does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CodesError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json_file(path, CodesError, f"codes file {path} does not exist")
     return codes_from_json(data, model, where=str(path))
 
 

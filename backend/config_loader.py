@@ -41,6 +41,18 @@ def check_choices(config: Any, where: str = "") -> None:
             check_choices(value, _join(where, f.name))
 
 
+def read_json_file(path: str | Path, error: type[Exception], missing: str) -> Any:
+    """The JSON value in `path`; `error(missing)` when there is no such file, `error` naming the file
+    when it is not valid JSON (a config, a manifest, a codes file: one reader, one kind of message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping in a JSON file (or YAML for .yaml/.yml)."""
     path = Path(path)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MM_PER_UNIT = 100.0  # (backend.scans.frame.MM_PER_UNIT; geometry does not import the scan package)
+from backend.units import MM_PER_UNIT
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,14 @@ a `ScanError` that names the scan and the problem, so a batch can list it and go
 """
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from backend.config_loader import read_json_file
 
 from .landmarks import LANDMARK_NAMES
 
@@ -99,12 +100,8 @@ def load_scan_folder(root: str | Path) -> ScanFolder:
     instead of stopping the folder; a manifest that cannot be read at all raises ManifestError."""
     root = Path(root)
     manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise ManifestError(f"{root}: no manifest.json (see docs/scan-folder.md for the format)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{manifest_path}: not valid JSON ({exc})") from None
+    manifest = read_json_file(manifest_path, ManifestError,
+                              f"{root}: no manifest.json (see docs/scan-folder.md for the format)")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("scans"), list):
         raise ManifestError(f"{manifest_path}: expected an object with a 'scans' list")
     units = manifest.get("units", "mm")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 from backend.geometry.alignment import apply_transform, rigid_transform
+from backend.units import MM_PER_UNIT  # noqa: F401  (the model frame's unit; re-exported for its users)
 
 from .landmarks import CANONICAL_LANDMARKS_MM, LANDMARK_NAMES, NOSE_TIP
 
-MM_PER_UNIT = 100.0        # one model unit in millimetres
 NOSE_TIP_DEPTH_MM = 40.0   # the nose tip sits at z = +40 mm in the model frame
 
 #: Landmarks the rotation is computed from, by alignment name: "eyes_nose" (default: the outer eye
