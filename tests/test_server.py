@@ -170,7 +170,7 @@ def test_every_request_type_round_trips_with_in_process_values(server, client, r
     body = {"path": str(scan), "options": {"landmark_indices": ref.landmark_indices, **FIT_OPTIONS}}
     events: list[dict] = []
     fit = client.run_job("fit", body, timeout=180, on_event=events.append)
-    from backend.server.scan_io import read_geometry_file
+    from backend.scans.mesh_io import read_geometry_file
 
     v, f = read_geometry_file(scan)
     want = ms.run_fit(lm, v, f, v[ref.landmark_indices], name="smile", **FIT_OPTIONS)
@@ -557,7 +557,7 @@ def test_an_obj_whose_mtllib_points_outside_the_roots_reads_nothing_there(server
                                                                           tmp_path_factory):
     """The material library is a FIFO outside the roots: opening it would block the reader forever, so
     a fit that completes proves nothing opened it. A training folder naming it is refused up front."""
-    from backend.server.scan_io import read_geometry_file
+    from backend.scans.mesh_io import read_geometry_file
 
     outside = tmp_path_factory.mktemp("mtl_outside")
     fifo = outside / "evil.mtl"

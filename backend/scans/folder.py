@@ -1,4 +1,4 @@
-"""Reading a user's scan folder: `manifest.json` plus meshes (OBJ, PLY, STL through trimesh).
+"""Reading a user's scan folder: `manifest.json` plus meshes (OBJ, PLY, STL, OFF; read by `mesh_io`).
 
 Schema (docs/scan-folder.md): per scan its path, identity, expression, neutral flag, optional `unseen`
 flag (an expression left out of training, reported apart by the evaluation) and the five landmarks, either as millimetre coordinates (`landmarks_mm`) or as vertex indices
@@ -7,7 +7,6 @@ a `ScanError` that names the scan and the problem, so a batch can list it and go
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ import numpy as np
 from backend.config_loader import read_json_file
 
 from .landmarks import LANDMARK_NAMES
+from .mesh_io import MESH_SUFFIXES, ScanLimits, ScanReadError, read_geometry_file
 
-MESH_SUFFIXES = {".ply", ".obj", ".stl", ".off"}
 DEFAULT_MAX_TRIANGLES = 2_000_000
 # Outer eye corners are 85-105 mm apart on adults; this wider band still flags unit mistakes.
 EYE_DISTANCE_MM = (55.0, 150.0)
@@ -155,57 +154,18 @@ def _parse_entry(root: Path, raw: Any, name: str, folder_indices: Any, seen: set
     return ScanEntry(key, path, raw["identity"], raw["expression"], neutral, landmarks, indices, unseen)
 
 
-def _ply_face_count(path: Path) -> int | None:
-    """Triangle count from a PLY header, so a huge scan is refused before it is read."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return None
-    if not head.startswith(b"ply"):
-        return None
-    for line in head.split(b"\n"):
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == b"element" and parts[1] == b"face":
-            try:
-                return int(parts[2])
-            except ValueError:
-                return None
-        if line.strip() == b"end_header":
-            break
-    return None
-
-
 def load_scan(entry: ScanEntry, units: str = "mm", max_triangles: int = DEFAULT_MAX_TRIANGLES) -> LoadedScan:
     """Read one scan's mesh and landmarks, in millimetres, and check them. Raises ScanError."""
-    import trimesh  # deferred: importing trimesh is slow and the manifest check does not need it
-
     scan = entry.key
     if not entry.path.is_file():
         raise ScanError(scan, f"mesh file not found: {entry.path}")
-    header_faces = _ply_face_count(entry.path)
-    if header_faces is not None and header_faces > max_triangles:
-        raise ScanError(scan, f"{header_faces:,} triangles is above the limit of {max_triangles:,}; "
-                              "decimate the scan (or raise max_triangles)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # process=False keeps the file's vertex order: shared-topology correspondences depend on it.
-            mesh = trimesh.load(entry.path, force="mesh", process=False, maintain_order=True)
-    except Exception as exc:  # trimesh raises many types for broken files; report them all the same way
-        raise ScanError(scan, f"cannot read mesh {entry.path.name}: {type(exc).__name__}: {exc}") from None
-    vertices = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))), dtype=np.float64)
-    faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))), dtype=np.int64)
-    if len(vertices) == 0 or len(faces) == 0:
-        raise ScanError(scan, "empty mesh: no vertices or no triangles")
-    if len(faces) > max_triangles:
-        raise ScanError(scan, f"{len(faces):,} triangles is above the limit of {max_triangles:,}; "
-                              "decimate the scan (or raise max_triangles)")
-    bad = ~np.isfinite(vertices).all(axis=1)
-    if bad.any():
-        raise ScanError(scan, f"{int(bad.sum())} vertices have NaN or infinite coordinates")
-    if faces.min() < 0 or faces.max() >= len(vertices):
-        raise ScanError(scan, "triangles refer to vertices that do not exist")
+        # Geometry only, in the file's vertex order; counts checked from the header before reading.
+        vertices, faces = read_geometry_file(entry.path, ScanLimits(max_faces=max_triangles))
+    except (ScanReadError, OSError) as exc:
+        raise ScanError(scan, f"cannot read mesh {entry.path.name}: {exc}") from None
+    if faces is None:  # (mesh_io has checked coordinates, indices and counts)
+        raise ScanError(scan, "empty mesh: no triangles")
 
     notes: list[str] = []
     unit_guess = None

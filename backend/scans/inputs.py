@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import MESH_SUFFIXES, UNIT_SCALES, LoadedScan, ScanEntry, load_scan
+from .folder import UNIT_SCALES, LoadedScan, ScanEntry, load_scan
+from .mesh_io import CLOUD_SUFFIXES, MESH_SUFFIXES, ScanReadError, read_geometry_file
 from .landmarks import LANDMARK_NAMES
 
-CLOUD_SUFFIXES = {".xyz", ".txt", ".npy", ".pts"}
 
 
 class InputError(ValueError):
@@ -103,30 +103,8 @@ def read_landmarks(path: str | Path | None, vertices: np.ndarray | None) -> np.n
 
 
 def read_points(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(vertices, faces or None) of a mesh or point-cloud file."""
-    if path.suffix.lower() == ".npy":
-        arr = np.load(path, allow_pickle=False)
-        return np.asarray(arr, dtype=np.float64).reshape(-1, 3) if arr.size else np.zeros((0, 3)), None
-    if path.suffix.lower() in CLOUD_SUFFIXES:
-        if not path.read_text(errors="replace").strip():
-            return np.zeros((0, 3)), None
-        try:
-            arr = np.loadtxt(path, ndmin=2, usecols=(0, 1, 2))
-        except (ValueError, IndexError) as exc:
-            raise InputError(f"{path}: cannot read x y z columns ({exc})") from None
-        return arr.astype(np.float64), None
-    import trimesh
-
+    """(vertices, faces or None) of a mesh or point-cloud file, read as geometry only (mesh_io)."""
     try:
-        obj = trimesh.load(path, process=False)
-    except Exception as exc:  # trimesh raises many types for broken files
-        raise InputError(f"cannot read {path.name}: {type(exc).__name__}: {exc}") from None
-    if isinstance(obj, trimesh.Scene):
-        geoms = list(obj.geometry.values())
-        if not geoms:
-            raise InputError(f"{path}: no geometry in the file")
-        obj = geoms[0]
-    vertices = np.asarray(getattr(obj, "vertices", np.zeros((0, 3))), dtype=np.float64)
-    faces = getattr(obj, "faces", None)
-    faces = None if faces is None or len(faces) == 0 else np.asarray(faces, dtype=np.int64)
-    return vertices, faces
+        return read_geometry_file(path)
+    except ScanReadError as exc:
+        raise InputError(str(exc)) from None

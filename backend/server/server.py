@@ -36,7 +36,7 @@ from .decoders import FrameCache
 from .engine import DecodeEngine, DecodeTask, Mailbox, StreamJob
 from .jobs import Job, JobManager, TrainPlan
 from .paths import PathRoots
-from .scan_io import CLOUD_SUFFIXES, MESH_SUFFIXES, obj_material_libraries
+from backend.scans.mesh_io import CLOUD_SUFFIXES, MESH_SUFFIXES, obj_material_libraries
 from .uploads import UploadStore
 
 log = logging.getLogger("imface.server")
@@ -48,7 +48,7 @@ MAX_STREAMS_PER_CLIENT = 16
 MAX_SAMPLES = 1_000
 TRAIN_PRESETS = ("tiny", "cpu", "quality", "paper")
 FIT_OPTIONS = {"units", "neutral", "partial", "camera", "view_direction", "schedule", "steps", "resolution",
-               "seed", "noise_mm", "registered", "landmark_indices"}
+               "seed", "noise_mm", "registered", "landmark_indices", "pose"}
 
 
 @dataclass
@@ -697,9 +697,9 @@ class Server:
         else:
             up = self.uploads.finished(msg.session, P.get_field(b, "upload", str))
             path, name, suffix = up.path, up.name, up.suffix
-        if suffix not in MESH_SUFFIXES + CLOUD_SUFFIXES:
+        if suffix not in MESH_SUFFIXES | CLOUD_SUFFIXES:
             raise P.ProtocolError(P.E_BAD_SCAN, f"unsupported scan type '{suffix}' (meshes "
-                                  f"{', '.join(MESH_SUFFIXES)}; point clouds {', '.join(CLOUD_SUFFIXES)})",
+                                  f"{', '.join(sorted(MESH_SUFFIXES))}; point clouds {', '.join(sorted(CLOUD_SUFFIXES))})",
                                   {"field": "path"})
         opts = P.get_field(b, "options", dict, {})
         P.check_keys(opts, FIT_OPTIONS, where="options")
@@ -731,7 +731,7 @@ class Server:
             out["units"] = P.get_field(o, "units", str, where="options")
             if out["units"] not in ("mm", "cm", "m"):
                 raise P.ProtocolError(P.E_BAD_FIELD, "options.units must be mm, cm or m", {"field": "options.units"})
-        for k in ("neutral", "partial", "registered"):
+        for k in ("neutral", "partial", "registered", "pose"):
             if k in o:
                 out[k] = P.get_field(o, k, bool, where="options")
         if "schedule" in o:

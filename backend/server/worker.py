@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import model_service as ms
     from .paths import PathRoots
-    from .scan_io import ScanReadError, read_geometry
+    from backend.scans.mesh_io import ScanReadError, read_geometry
 
     roots = PathRoots.from_strings(args.roots) if args.roots else PathRoots(())
     write_lock = threading.Lock()

@@ -132,10 +132,8 @@ def test_scan_fit_matches_cli_and_lies_on_scan(live, tiny_model, tmp_path):  # n
     lm = tmp_path / "landmarks.json"
     lm.write_text(json.dumps(entry["landmarks_mm"]))
     out = tmp_path / "cli_fit"
-    # (the backend's fit job does not refine the landmark pose; `imface fit` does unless --no-pose)
     proc = subprocess.run([sys.executable, "-m", "backend.cli", "fit", str(tiny_model.path), str(scan),
-                           "--landmarks", str(lm), "--out", str(out), "--seed", "0", "--threads", "1", "--quiet",
-                           *(["--no-pose"] if _cli_has("--no-pose") else [])],
+                           "--landmarks", str(lm), "--out", str(out), "--seed", "0", "--threads", "1", "--quiet"],
                           capture_output=True, text=True, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stderr
     cli = json.loads(next(out.glob("*.codes.json")).read_text())
@@ -151,12 +149,6 @@ def test_scan_fit_matches_cli_and_lies_on_scan(live, tiny_model, tmp_path):  # n
     # the same codes as `imface fit` with the same seed
     for part in ("identity", "expression", "detail"):
         np.testing.assert_allclose(f["codes"][part], cli[part], atol=2e-5, rtol=1e-3, err_msg=part)
-
-
-def _cli_has(option: str) -> bool:
-    proc = subprocess.run([sys.executable, "-m", "backend.cli", "fit", "--help"], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-    return option in proc.stdout
 
 
 def test_expression_transfer(live):

@@ -1,8 +1,10 @@
 """Scan files read as geometry only, with every size bounded before anything big is allocated.
 
-The server never hands a client's file to a general-purpose loader: trimesh would follow an OBJ's
+Every scan the product reads (a scan folder, the file given to `imface fit`, a client's upload or path in
+the server) goes through here, never through a general-purpose loader: trimesh would follow an OBJ's
 `mtllib` (and the textures it names) and a PLY's `TextureFile` comment through its resolver, which could
-read files outside the allowed roots. Here:
+read files outside the folders a backend may read. Vertices keep the file's order (shared-topology
+correspondences depend on it). Here:
 
 * OBJ: only `v x y z` and `f a b c ...` lines are read (polygons become triangle fans; `a/b/c` index
   forms and negative indices are understood); `mtllib`, `usemtl`, `vt`, `vn` and every other line are
@@ -27,8 +29,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-MESH_SUFFIXES = (".obj", ".ply", ".stl", ".off")
-CLOUD_SUFFIXES = (".xyz", ".txt", ".pts", ".npy")
+MESH_SUFFIXES = frozenset({".obj", ".ply", ".stl", ".off"})
+CLOUD_SUFFIXES = frozenset({".xyz", ".txt", ".pts", ".npy"})
 
 
 class ScanReadError(ValueError):
@@ -66,10 +68,10 @@ def read_geometry(fh: BinaryIO, suffix: str, limits: ScanLimits = DEFAULT_SCAN_L
     elif suffix == ".npy":
         v, f = _read_npy(fh, limits, name), None
     else:
-        raise ScanReadError(f"{name}: unsupported file type '{suffix}' (meshes: {', '.join(MESH_SUFFIXES)}; "
-                            f"point clouds: {', '.join(CLOUD_SUFFIXES)})")
+        raise ScanReadError(f"{name}: unsupported file type '{suffix}' (meshes: {', '.join(sorted(MESH_SUFFIXES))}; "
+                            f"point clouds: {', '.join(sorted(CLOUD_SUFFIXES))})")
     if len(v) == 0:
-        raise ScanReadError(f"{name}: no vertices")
+        raise ScanReadError(f"{name}: empty: no vertices")
     if not np.isfinite(v).all():
         raise ScanReadError(f"{name}: {int((~np.isfinite(v).all(1)).sum())} vertices have NaN or infinite "
                             "coordinates")
@@ -115,7 +117,7 @@ def _check_counts(nv: int, nf: int, limits: ScanLimits, name: str) -> None:
     if nv > limits.max_vertices:
         raise ScanReadError(f"{name}: {nv:,} vertices is above the limit of {limits.max_vertices:,}")
     if nf > limits.max_faces:
-        raise ScanReadError(f"{name}: {nf:,} faces is above the limit of {limits.max_faces:,}")
+        raise ScanReadError(f"{name}: {nf:,} triangles is above the limit of {limits.max_faces:,}; decimate the scan")
 
 
 def _floats(tokens: list[bytes], name: str, what: str) -> np.ndarray:
@@ -225,6 +227,8 @@ def _read_ply(fh: BinaryIO, size: int, limits: ScanLimits, name: str) -> tuple[n
     counts = {e.name: e.count for e in elements}
     nv, nf = counts.get("vertex", 0), counts.get("face", 0)
     _check_counts(nv, nf, limits, name)  # bounded from the header, before the body is read
+    if nv == 0:
+        raise ScanReadError(f"{name}: empty: no vertices")
     vertex = next((e for e in elements if e.name == "vertex"), None)
     if vertex is None or not all(any(p[0] == c for p in vertex.props) for c in "xyz"):
         raise ScanReadError(f"{name}: the PLY has no vertex element with x, y, z")
