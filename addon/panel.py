@@ -39,10 +39,14 @@ def face_lines(ob) -> list[str]:
     return lines
 
 
-class IMFACE_PT_main(bpy.types.Panel):
+class _SidebarPanel:
+    """Where every ImFace panel lives: the 3D viewport's sidebar, tab "ImFace"."""
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
     bl_category = "ImFace"
+
+
+class IMFACE_PT_main(_SidebarPanel, bpy.types.Panel):
     bl_label = "ImFace"
 
     def draw(self, context):
@@ -66,10 +70,7 @@ class IMFACE_PT_main(bpy.types.Panel):
                 r.operator("imface.cancel_job", text="", icon="X").job = str(j.get("job"))
 
 
-class IMFACE_PT_face(bpy.types.Panel):
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "ImFace"
+class IMFACE_PT_face(_SidebarPanel, bpy.types.Panel):
     bl_label = "Face"
     bl_parent_id = "IMFACE_PT_main"
 
@@ -106,10 +107,7 @@ class IMFACE_PT_face(bpy.types.Panel):
         layout.operator("imface.export_codes")
 
 
-class IMFACE_PT_animation(bpy.types.Panel):
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "ImFace"
+class IMFACE_PT_animation(_SidebarPanel, bpy.types.Panel):
     bl_label = "Animation"
     bl_parent_id = "IMFACE_PT_main"
 
@@ -131,10 +129,7 @@ class IMFACE_PT_animation(bpy.types.Panel):
                               f"max {ob['imface_rig_error_max_mm']:.3f} mm")
 
 
-class IMFACE_PT_scan(bpy.types.Panel):
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "ImFace"
+class IMFACE_PT_scan(_SidebarPanel, bpy.types.Panel):
     bl_label = "Scan Fitting"
     bl_parent_id = "IMFACE_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
@@ -150,10 +145,7 @@ class IMFACE_PT_scan(bpy.types.Panel):
         layout.operator("imface.fit_scan").filepath = sc.scan_path
 
 
-class IMFACE_PT_training(bpy.types.Panel):
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "ImFace"
+class IMFACE_PT_training(_SidebarPanel, bpy.types.Panel):
     bl_label = "Training"
     bl_parent_id = "IMFACE_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
