@@ -17,52 +17,30 @@ from typing import Any, Callable, Hashable
 
 import numpy as np
 
+from addon.link.client import FrameCache as ClientFrameCache
 
-class FrameCache:
+
+class FrameCache(ClientFrameCache):
+    """The client's byte-bounded LRU, made thread-safe (the decode thread fills it, the request loop
+    reads it); stored arrays are read-only, since replies in flight share them."""
+
     def __init__(self, max_bytes: int = 256 * 2**20) -> None:
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._bytes = 0
+        super().__init__(max_bytes)
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str, *, touch: bool = True) -> np.ndarray | None:
         with self._lock:
-            arr = self._items.get(key)
-            if arr is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return arr
+            return super().get(key, touch=touch)
 
     def put(self, key: str, arr: np.ndarray) -> None:
-        if arr.nbytes > self.max_bytes:
-            return
         arr = np.ascontiguousarray(arr)
-        arr.flags.writeable = False  # shared with replies in flight: never edited
+        arr.flags.writeable = False
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._items[key] = arr
-            self._bytes += arr.nbytes
-            while self._bytes > self.max_bytes and self._items:
-                _, dropped = self._items.popitem(last=False)
-                self._bytes -= dropped.nbytes
+            super().put(key, arr)
 
     def clear(self) -> None:
         with self._lock:
-            self._items.clear()
-            self._bytes = 0
+            super().clear()
 
 
 class DecoderSessions:
