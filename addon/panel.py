@@ -46,6 +46,10 @@ class _SidebarPanel:
     bl_category = "ImFace"
 
 
+class _SubPanel(_SidebarPanel):
+    bl_parent_id = "IMFACE_PT_main"
+
+
 class IMFACE_PT_main(_SidebarPanel, bpy.types.Panel):
     bl_label = "ImFace"
 
@@ -70,9 +74,8 @@ class IMFACE_PT_main(_SidebarPanel, bpy.types.Panel):
                 r.operator("imface.cancel_job", text="", icon="X").job = str(j.get("job"))
 
 
-class IMFACE_PT_face(_SidebarPanel, bpy.types.Panel):
+class IMFACE_PT_face(_SubPanel, bpy.types.Panel):
     bl_label = "Face"
-    bl_parent_id = "IMFACE_PT_main"
 
     def draw(self, context):
         layout = self.layout
@@ -107,9 +110,8 @@ class IMFACE_PT_face(_SidebarPanel, bpy.types.Panel):
         layout.operator("imface.export_codes")
 
 
-class IMFACE_PT_animation(_SidebarPanel, bpy.types.Panel):
+class IMFACE_PT_animation(_SubPanel, bpy.types.Panel):
     bl_label = "Animation"
-    bl_parent_id = "IMFACE_PT_main"
 
     def draw(self, context):
         layout = self.layout
@@ -129,9 +131,8 @@ class IMFACE_PT_animation(_SidebarPanel, bpy.types.Panel):
                               f"max {ob['imface_rig_error_max_mm']:.3f} mm")
 
 
-class IMFACE_PT_scan(_SidebarPanel, bpy.types.Panel):
+class IMFACE_PT_scan(_SubPanel, bpy.types.Panel):
     bl_label = "Scan Fitting"
-    bl_parent_id = "IMFACE_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):
@@ -145,9 +146,8 @@ class IMFACE_PT_scan(_SidebarPanel, bpy.types.Panel):
         layout.operator("imface.fit_scan").filepath = sc.scan_path
 
 
-class IMFACE_PT_training(_SidebarPanel, bpy.types.Panel):
+class IMFACE_PT_training(_SubPanel, bpy.types.Panel):
     bl_label = "Training"
-    bl_parent_id = "IMFACE_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):

@@ -40,8 +40,10 @@ try:
     RESULT["zmq_file"] = zmq.__file__
     RESULT["zmq_version"] = zmq.__version__
     RESULT["msgpack_version"] = ".".join(map(str, msgpack.version))
+    import importlib
+
     g = {"__name__": "__imface_test__", "bpy": bpy, "MOD": MOD, "ARGS": ARGS, "RESULT": RESULT,
-         "MODULE": MODULE}
+         "MODULE": MODULE, "addon_module": lambda name: importlib.import_module(f"{MODULE}.{name}")}
     with open(ARGS["script"]) as f:
         code = compile(f.read(), ARGS["script"], "exec")
     exec(code, g)

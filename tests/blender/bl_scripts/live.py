@@ -11,14 +11,13 @@ import time
 
 import numpy as np
 
-P = MODULE + "."
-units = __import__(P + "units", fromlist=["x"])
-faces = __import__(P + "faces", fromlist=["x"])
-state = __import__(P + "state", fromlist=["x"])
-playback = __import__(P + "playback", fromlist=["x"])
-panel = __import__(P + "panel", fromlist=["x"])
-meshlib = __import__(P + "mesh", fromlist=["x"])
-client_mod = __import__(P + "link.client", fromlist=["x"])
+units = addon_module("units")
+faces = addon_module("faces")
+state = addon_module("state")
+playback = addon_module("playback")
+panel = addon_module("panel")
+meshlib = addon_module("mesh")
+client_mod = addon_module("link.client")
 
 R = RESULT
 OUT = ARGS["out"]
@@ -352,7 +351,7 @@ try:
 
     # ------------------------------------------------------------------ the main job's Blender half
     if "main_job" in STEPS:
-        headless = __import__(P + "headless", fromlist=["x"])
+        headless = addon_module("headless")
         for o in list(bpy.data.objects):
             bpy.data.objects.remove(o)
         scene.imface.live = True
@@ -390,7 +389,7 @@ try:
         timed("restart")
     # ------------------------------------------------------------------ training job from the panel
     if "train" in STEPS and ARGS.get("samples"):
-        training = __import__(P + "training", fromlist=["x"])
+        training = addon_module("training")
         scene.imface.train_scans = ARGS["samples"]
         scene.imface.train_preset = "cpu"
         scene.imface.train_out = os.path.join(OUT, "train_run")

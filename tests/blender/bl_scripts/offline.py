@@ -2,12 +2,12 @@
 import os
 import numpy as np
 
-units = __import__(MODULE + ".units", fromlist=["x"])
-codes_mod = __import__(MODULE + ".codes", fromlist=["x"])
-meshlib = __import__(MODULE + ".mesh", fromlist=["x"])
-faces = __import__(MODULE + ".faces", fromlist=["x"])
-panel = __import__(MODULE + ".panel", fromlist=["x"])
-playback = __import__(MODULE + ".playback", fromlist=["x"])
+units = addon_module("units")
+codes_mod = addon_module("codes")
+meshlib = addon_module("mesh")
+faces = addon_module("faces")
+panel = addon_module("panel")
+playback = addon_module("playback")
 
 R = RESULT
 R["operators"] = sorted(n for n in dir(bpy.ops.imface) if not n.startswith("_"))

@@ -1,5 +1,5 @@
 """Launch a backend from the preferences, then let Blender quit without disabling the add-on."""
-state = __import__(MODULE + ".state", fromlist=["x"])
+state = addon_module("state")
 prefs = bpy.context.preferences.addons[MODULE].preferences
 prefs.mode, prefs.python, prefs.model_path = "LAUNCH", ARGS["python"], ARGS["model"]
 prefs.threads, prefs.start_timeout = 1, 300
