@@ -37,11 +37,9 @@ from backend.fitting import FitResult, FitSchedule, FitTarget, extract_face_mesh
 from backend.fitting.meshes import face_only
 from backend.fitting.pose import fit_posed
 from backend.geometry.alignment import apply_transform
+from backend.geometry.metrics import EVAL_SETTINGS, REGIONS, EvalSettings  # noqa: F401  (re-exported)
 from backend.model import ImFacePlusPlus
 from backend.scans.frame import MM_PER_UNIT
-
-DEFAULT_REGION_MM = 80.0   # the radius of the optional ball around the nose tip (region="ball")
-REGIONS = ("sphere", "ball")
 
 
 @dataclass
@@ -104,7 +102,8 @@ class EvaluationTable:
 
     def groups(self) -> dict[str, dict[str, float]]:
         """Means per group: "all", and where the folder has both kinds, "training identities" /
-        "held-out identities" and "seen expressions" / "unseen expressions"."""
+        "held-out identities" and "seen expressions" / "unseen expressions", then one group per expression
+        ("expression smile", ...) where there are several: the mean EDE hides an expression that is lost."""
         out = {"all": self.mean()}
         ok = [r for r in self.rows if not r.error]
         train = [r for r in ok if r.training_identity is True]
@@ -116,6 +115,10 @@ class EvaluationTable:
         if unseen:
             out["seen expressions"] = self._mean([r for r in ok if not r.unseen and not r.neutral_scan])
             out["unseen expressions"] = self._mean(unseen)
+        expressions = sorted({r.expression for r in ok if r.expression})
+        if len(expressions) > 1:
+            for e in expressions:
+                out[f"expression {e}"] = self._mean([r for r in ok if r.expression == e])
         return out
 
     def to_markdown(self) -> str:
@@ -180,8 +183,9 @@ def front_view_mm(vertices_mm: np.ndarray, faces: np.ndarray) -> tuple[np.ndarra
 
 
 def reconstruction_metrics(mesh_mm: tuple[np.ndarray, np.ndarray], target: FitTarget,
-                           region_radius_mm: float = DEFAULT_REGION_MM, n_points: int = 200_000,
-                           seed: int = 0, region: str = "sphere") -> dict[str, float]:
+                           region_radius_mm: float = EVAL_SETTINGS.region_radius_mm,
+                           n_points: int = EVAL_SETTINGS.n_points, seed: int = EVAL_SETTINGS.seed,
+                           region: str = EVAL_SETTINGS.region) -> dict[str, float]:
     """A fitted face (scan frame, mm; the face-region mesh) against the target's preprocessed surface, both
     prepared as §4.1 prepares training's ground truth (`front_view_mm`), in the model frame in mm.
 
@@ -213,9 +217,9 @@ def reconstruction_metrics(mesh_mm: tuple[np.ndarray, np.ndarray], target: FitTa
             "fscore_exact_1mm": 100.0 * r["exact_fscore"]}
 
 
-def measure_fit(model: ImFacePlusPlus, result: FitResult, resolution: int = 256,
-                region_radius_mm: float = DEFAULT_REGION_MM, n_points: int = 200_000,
-                seed: int = 0, region: str = "sphere", watertight: bool = False
+def measure_fit(model: ImFacePlusPlus, result: FitResult, resolution: int = EVAL_SETTINGS.resolution,
+                region_radius_mm: float = EVAL_SETTINGS.region_radius_mm, n_points: int = EVAL_SETTINGS.n_points,
+                seed: int = EVAL_SETTINGS.seed, region: str = EVAL_SETTINGS.region, watertight: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Extract the fitted face (scan frame and units) and put its metrics into `result.report.metrics`
     (`reconstruction_metrics`, when the target has a reference surface; always on the face region).
@@ -230,7 +234,7 @@ def measure_fit(model: ImFacePlusPlus, result: FitResult, resolution: int = 256,
     return _to_scan(mesh[0], result.target), mesh[1]
 
 
-def fitted_face(model: ImFacePlusPlus, result: FitResult, resolution: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def fitted_face(model: ImFacePlusPlus, result: FitResult, resolution: int = EVAL_SETTINGS.resolution) -> tuple[np.ndarray, np.ndarray]:
     """The fitted face (the face region of the extracted surface) in the scan's frame, in mm."""
     face, _ = _fitted_meshes(model, result, resolution)
     return _to_scan(face[0], result.target) * result.target.units_to_mm, face[1]
@@ -260,9 +264,10 @@ def _fitted_meshes(model: ImFacePlusPlus, result: FitResult, resolution: int
 
 
 def evaluate_folder(model: ImFacePlusPlus, scan_folder: str | Path, *, schedule: FitSchedule | None = None,
-                    resolution: int = 256, region_radius_mm: float = DEFAULT_REGION_MM, n_points: int = 200_000,
-                    keys: list[str] | None = None, seed: int = 0, neutral_labels: bool = True,
-                    region: str = "sphere", training_identities: Iterable[str] | None = None, pose: bool = True,
+                    resolution: int = EVAL_SETTINGS.resolution,
+                    region_radius_mm: float = EVAL_SETTINGS.region_radius_mm, n_points: int = EVAL_SETTINGS.n_points,
+                    keys: list[str] | None = None, seed: int = EVAL_SETTINGS.seed, neutral_labels: bool = True,
+                    region: str = EVAL_SETTINGS.region, training_identities: Iterable[str] | None = None, pose: bool = True,
                     progress: Callable[[str, int, int], None] | None = None,
                     fit_progress: Callable[[int, int, dict[str, float]], object] | None = None) -> EvaluationTable:
     """Fit and measure every scan of a scan folder (docs/scan-folder.md); docs/evaluation.md says what

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from backend.geometry.metrics import EVAL_SETTINGS, REGIONS
+
 class CommandError(Exception):
     """A problem with the user's input, reported as one line with exit code 2."""
 
@@ -351,7 +353,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
                        help="fast: coarse to fine (default); plain: 1,500 constant-lr steps (reference)")
         p.add_argument("--steps", type=int, default=None, help="total steps (fast: scales its stages)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--metric-points", type=int, default=200_000, help="points per mesh for the metrics")
+        p.add_argument("--metric-points", type=int, default=EVAL_SETTINGS.n_points, help="points per mesh for the metrics")
         p.add_argument("--no-pose", action="store_true",
                        help="keep the landmark placement as it is (default: refine it with the model first: "
                             "hand-clicked landmarks are often a few mm off)")
@@ -372,7 +374,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neutral", action="store_true", help="fit a neutral face (expression warp off)")
     p.add_argument("--neutral-labels", action="store_true",
                    help="scan folder: fit the scans marked neutral with the expression warp off")
-    p.add_argument("--resolution", type=int, default=256, help="marching-cubes grid of the output mesh")
+    p.add_argument("--resolution", type=int, default=EVAL_SETTINGS.resolution,
+                   help="marching-cubes grid of the output mesh (and of its metrics)")
     p.add_argument("--no-mesh", action="store_true", help="write the codes only")
     p.add_argument("--registered", action="store_true", help="also write <name>.registered.ply in the "
                                                              "template topology (see `decode`)")
@@ -419,11 +422,12 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("scans", help="scan folder (manifest.json)")
     p.add_argument("--out", required=True, help="Markdown table (the CSV goes next to it)")
     p.add_argument("--csv", help="CSV path (default: --out with .csv)")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--region", choices=("sphere", "ball"), default="sphere",
-                   help="where surfaces are compared: the 100 mm sampling sphere (default) or a ball around the "
-                        "nose tip (--region-mm)")
-    p.add_argument("--region-mm", type=float, default=80.0, help="radius of --region ball")
+    # defaults: the pinned evaluation settings (backend.evaluate.EVAL_SETTINGS)
+    p.add_argument("--resolution", type=int, default=EVAL_SETTINGS.resolution)
+    p.add_argument("--region", choices=REGIONS, default=EVAL_SETTINGS.region,
+                   help="where surfaces are compared: a ball around the nose tip (--region-mm; the paper's, "
+                        "default) or the whole 100 mm sampling sphere")
+    p.add_argument("--region-mm", type=float, default=EVAL_SETTINGS.region_radius_mm, help="radius of --region ball")
     p.add_argument("--scan", action="append", help="only this scan (repeatable)")
     p.add_argument("--ignore-neutral-labels", action="store_true",
                    help="fit neutral scans with an expression code whatever the neutral policy says")

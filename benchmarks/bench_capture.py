@@ -9,7 +9,9 @@ plus the neutral-vs-expressive fit comparison (face err: mean distance of every 
 vertex in the 80 mm face region to the reconstruction). Both folders must share one topology.
 
     .venv/bin/python benchmarks/bench_capture.py --model RUN/model.safetensors --train-scans SCANS \
-        [--samples SAMPLES] [--heldout HELDOUT_SCANS] [--schedule fast|plain|fastx3] [--resolution 128]
+        [--samples SAMPLES] [--heldout HELDOUT_SCANS] [--schedule fast|plain|fastx3] [--people id00 id01 ...]
+
+Meshes follow the pinned evaluation settings (`backend.evaluate.EVAL_SETTINGS`; `--resolution` for quick looks).
 
 Without --model a small model is trained first (tests/model_fixture.py) on procedural scans.
 """
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", default="fast")
     p.add_argument("--neutral-policy", choices=("train_switch", "switch", "code"), default=None,
                    help="default: backend.fitting.loop.NEUTRAL_POLICY")
-    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--resolution", type=int, default=None, help="default: EVAL_SETTINGS.resolution")
+    p.add_argument("--people", nargs="*", help="only these training identities")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-mean", action="store_true", help="skip the mean-expression floor")
     p.add_argument("--json", help="write every row here")
@@ -61,19 +64,23 @@ def main(argv=None) -> int:
     from model_fixture import model_for_benchmark
     from training.quality import capture_table, heldout_capture, rows_to_json, training_capture
 
+    from backend.evaluate import EVAL_SETTINGS
+
+    a.resolution = a.resolution or EVAL_SETTINGS.resolution
     model_path, scans, tmp = model_for_benchmark(a.model, a.threads, "capture")
     scans = a.train_scans or scans
     model, ck = load_model(model_path)
     out: dict[str, list] = {}
     t0 = time.perf_counter()
     if scans:
+        keys = None if not a.people else [r["key"] for r in ck.dataset["scans"] if r["identity"] in a.people]
         rows = training_capture(model, ck, scans, resolution=a.resolution, samples=a.samples,
-                                neutral_policy=a.neutral_policy)
+                                neutral_policy=a.neutral_policy, keys=keys)
         print(capture_table(rows, f"training scans, trained codes ({model_path})"))
         out["trained"] = rows_to_json(rows)
         if not a.no_mean:
             rows = training_capture(model, ck, scans, resolution=a.resolution, samples=a.samples,
-                                    expression="mean", neutral_policy=a.neutral_policy)
+                                    expression="mean", neutral_policy=a.neutral_policy, keys=keys)
             print(capture_table(rows, "training scans, the person's identity code + the mean expression code"))
             out["mean"] = rows_to_json(rows)
     if a.heldout:
@@ -83,7 +90,7 @@ def main(argv=None) -> int:
         out["heldout"] = rows_to_json(rows)
         out["heldout_fits"] = info
     print(f"({time.perf_counter() - t0:.0f} s; marching cubes {a.resolution}³; moving = ground-truth vertices "
-          f"moving > 3 mm and facing the viewer, in the 80 mm ball around the nose tip)")
+          f"moving > 3 mm and facing the viewer, in the {EVAL_SETTINGS.region_radius_mm:g} mm ball around the nose tip)")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     if tmp is not None:

@@ -6,7 +6,9 @@ scan: Chamfer-L1 (mm, 80 mm face region, `backend.evaluate.reconstruction_metric
 Chamfer is within 5% of plain's; the test table then shows all four.
 
     .venv/bin/python benchmarks/bench_fit_schedule.py --model RUN/model.safetensors --scans ICT \
-        --validation id10 id11 --test id12 id13 id14 id15 [--resolution 256]
+        --validation id10 id11 --test id12 id13 id14 id15 [--expressions neutral jaw_open ...]
+
+Meshes and metrics follow the pinned evaluation settings (`backend.evaluate.EVAL_SETTINGS`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 SCHEDULES = ("fast", "fastx2", "fastx4", "plain")
 
 
-def run_split(model, scans: str, people: list[str], schedules, resolution: int) -> dict[str, dict[str, float]]:
+def run_split(model, scans: str, people: list[str], schedules, resolution: int,
+              expressions: list[str] | None = None) -> dict[str, dict[str, float]]:
     import numpy as np
 
     from backend.evaluate import reconstruction_metrics
@@ -32,7 +35,7 @@ def run_split(model, scans: str, people: list[str], schedules, resolution: int) 
     from training.quality import _gt_meshes, _measure
 
     folder = load_scan_folder(scans)
-    entries = [e for e in folder.entries if e.identity in people]
+    entries = [e for e in folder.entries if e.identity in people and (not expressions or e.expression in expressions)]
     gt, _ = _gt_meshes(scans, [e.key for e in entries]) if folder.shared_topology else ({}, None)
     out = {}
     for name in schedules:
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--scans", required=True)
     p.add_argument("--validation", nargs="+", default=["id10", "id11"])
     p.add_argument("--test", nargs="+", default=["id12", "id13", "id14", "id15"])
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--expressions", nargs="*", help="only these expressions (default: all)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -74,16 +77,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from backend.model.io import load_model
 
+    from backend.evaluate import EVAL_SETTINGS
+
     model, _ = load_model(a.model)
+    res = EVAL_SETTINGS.resolution
+    print(f"{EVAL_SETTINGS.describe()}; expressions: {' '.join(a.expressions) if a.expressions else 'all'}")
     print(f"validation {' '.join(a.validation)}:")
-    val = run_split(model, a.scans, a.validation, SCHEDULES, a.resolution)
+    val = run_split(model, a.scans, a.validation, SCHEDULES, res, a.expressions)
     plain = val["plain"]["chamfer_mm"]
     ok = [n for n in SCHEDULES if val[n]["chamfer_mm"] <= 1.05 * plain]
     chosen = min(ok, key=lambda n: val[n]["queries"])
     print(f"chosen on validation: {chosen} ({val[chosen]['chamfer_mm']:.3f} mm vs plain {plain:.3f} mm, "
           f"{val['plain']['queries'] / val[chosen]['queries']:.0f}x fewer queries)")
     print(f"test {' '.join(a.test)}:")
-    test = run_split(model, a.scans, a.test, SCHEDULES, a.resolution)
+    test = run_split(model, a.scans, a.test, SCHEDULES, res, a.expressions)
     print("| schedule | Chamfer (mm) | vs plain | capture | SDF queries | s per fit |\n|---|---|---|---|---|---|")
     for n in SCHEDULES:
         d = test[n]

@@ -17,9 +17,11 @@ mkdir -p "$WORK"
 WORK="$(cd "$WORK" && pwd)"
 case "$WORK/" in "$ROOT"/*) echo "WORK must be outside the repository" >&2; exit 2;; esac
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-# Pinned evaluation settings (the same for every table): marching cubes 256³, 200,000 points per mesh,
-# the 80 mm ball around the nose tip (backend/evaluate.py defaults), the default fast schedule.
-EVAL=(--threads 1 --resolution 256 --quiet)
+# Every table is measured with the pinned evaluation settings (backend.evaluate.EVAL_SETTINGS: marching
+# cubes 256³, 200,000 points per mesh, the 80 mm ball around the nose tip) and the default fast schedule.
+EVAL=(--threads 1 --quiet)
+# Schedule comparison on a fixed subset of expressions (plain's 1,500 steps per scan are the cost).
+SCHEDULE_EXPRESSIONS=(neutral jaw_open smile anger)
 
 split() {  # split ICT-like folder $1 into $2/train_scans (identities < $3) and $2/heldout_scans (the rest, < $4)
   "$PY" - "$1" "$2" "$3" "$4" <<'PY'
@@ -34,9 +36,9 @@ for name, keep in (("train_scans", lambda i: i < n_train), ("heldout_scans", lam
 PY
 }
 
-train_eval() {  # preset, work dir, data folder
-  local preset="$1" dir="$2"
-  "$PY" -m backend.cli preprocess "$dir/train_scans" --out "$dir/train_samples"
+train_eval() {  # preset, work dir [, preprocess options]
+  local preset="$1" dir="$2"; shift 2
+  [ -f "$dir/train_samples/index.json" ] || "$PY" -m backend.cli preprocess "$dir/train_scans" --out "$dir/train_samples" "$@"
   "$PY" -m training.train --preset "$preset" --data "$dir/train_samples" --out "$dir/run_$preset" --no-progress \
       --resume 2>/dev/null \
     || "$PY" -m training.train --preset "$preset" --data "$dir/train_samples" --out "$dir/run_$preset" --no-progress
@@ -55,23 +57,25 @@ for step in "${STEPS[@]}"; do
         [ -f "$WORK/ict12/run_$preset/model.safetensors" ] || continue
         echo "## expression capture, $preset preset"
         "$PY" benchmarks/bench_capture.py --model "$WORK/ict12/run_$preset/model.safetensors" \
-          --train-scans "$WORK/ict12/train_scans" --heldout "$WORK/ict12/heldout_scans" --resolution 256 \
+          --train-scans "$WORK/ict12/train_scans" --people id00 id01 id02 id03 \
           --json "$WORK/capture_$preset.json"
+        # held-out capture per expression: the "mean: expression ..." rows of heldout_$preset.md (fits with pose)
       done ;;
     schedule)
       # cpu preset trained on id00-id09; choose on id10-id11, report on id12-id15
       split "$ICT" "$WORK/ict10" 10 16
-      "$PY" -m backend.cli preprocess "$WORK/ict10/train_scans" --out "$WORK/ict10/train_samples"
+      [ -f "$WORK/ict10/train_samples/index.json" ] \
+        || "$PY" -m backend.cli preprocess "$WORK/ict10/train_scans" --out "$WORK/ict10/train_samples"
       [ -f "$WORK/ict10/run_cpu/model.safetensors" ] || "$PY" -m training.train --preset cpu \
           --data "$WORK/ict10/train_samples" --out "$WORK/ict10/run_cpu" --no-progress --overwrite
       "$PY" benchmarks/bench_fit_schedule.py --model "$WORK/ict10/run_cpu/model.safetensors" --scans "$ICT" \
-          --validation id10 id11 --test id12 id13 id14 id15 --resolution 256 ;;
+          --validation id10 id11 --test id12 id13 id14 id15 --expressions "${SCHEDULE_EXPRESSIONS[@]}" ;;
     people100)
       # 100 + 4 people generated with another seed than ict-faces' 7 (outside the repository)
       [ -f "$WORK/ict104/manifest.json" ] || "$PY" "$ROOT/../shared/tools/make_ict_faces.py" \
           --out "$WORK/ict104" --identities 104 --seed 11
       split "$WORK/ict104" "$WORK/people100" 100 104
-      train_eval quality "$WORK/people100"
+      train_eval quality "$WORK/people100" --samples 100000   # 1,200 scans: 100k samples each keep it in RAM
       "$PY" -m backend.cli evaluate "$WORK/people100/run_quality/model.safetensors" "$WORK/ict12/heldout_scans" \
           --out "$WORK/people100/heldout_ict.md" "${EVAL[@]}"
       echo "## quality preset trained on 100 people, held-out ict-faces id12-id15"; cat "$WORK/people100/heldout_ict.md" ;;

@@ -64,6 +64,9 @@ def test_table_means_and_groups():
     assert g["training identities"]["chamfer_mm"] == pytest.approx(0.5)
     assert g["held-out identities"]["chamfer_mm"] == pytest.approx(1.0)
     assert g["seen expressions"]["n"] == 1 and g["unseen expressions"]["ede_mm"] == pytest.approx(4.0)
+    # one group per expression: smile's mean over a and b, neutral alone, the failed scan in none
+    assert g["expression smile"]["chamfer_mm"] == pytest.approx(0.8) and g["expression smile"]["n"] == 2
+    assert g["expression neutral"]["chamfer_mm"] == pytest.approx(0.4) and "expression bad" not in g
     md = t.to_markdown()
     assert "b/smile (held out, unseen)" in md and "**mean: held-out identities** (1)" in md
 

@@ -112,7 +112,8 @@ def test_evaluate_command(tiny_model, tmp_path):
     for head in ("Chamfer-L1 (mm)", "Chamfer exact (mm)", "EDE (mm)", "capture", "**mean: all** (2)"):
         assert head in text, head
     rows = {r["key"]: r for r in csv.DictReader(open(out.with_suffix(".csv")))}
-    assert list(rows) == ["id00/neutral", "id00/mouth_open", "mean"]
+    assert list(rows) == ["id00/neutral", "id00/mouth_open", "mean", "mean: expression mouth_open",
+                          "mean: expression neutral"]
     num = {k: {c: float(v) for c, v in r.items() if c not in ("key", "identity", "expression", "error", "neutral",
                                                                  "neutral_scan", "training_identity", "unseen")}
            for k, r in rows.items()}
@@ -134,6 +135,9 @@ def test_evaluate_command(tiny_model, tmp_path):
                                                        + num["id00/mouth_open"]["ede_mm"]) / 2)
     assert num["mean"]["chamfer_mm"] == pytest.approx((num["id00/neutral"]["chamfer_mm"]
                                                        + num["id00/mouth_open"]["chamfer_mm"]) / 2)
+    # one expression per group here: each group's mean is its one scan
+    assert num["mean: expression mouth_open"]["capture"] == pytest.approx(num["id00/mouth_open"]["capture"])
+    assert num["mean: expression neutral"]["chamfer_mm"] == pytest.approx(num["id00/neutral"]["chamfer_mm"])
 
 
 def _depth_view(tiny_model, tmp_path):

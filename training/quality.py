@@ -31,11 +31,12 @@ from backend.codes import mean_codes, training_face_codes
 from backend.fitting import extract_face_mesh
 from backend.fitting.loop import neutral_warp_off, training_warp_off
 from backend.geometry.capture import expression_capture
+from backend.geometry.metrics import EVAL_SETTINGS
 from backend.model import FaceCodes, ImFacePlusPlus
 from backend.scans.frame import MM_PER_UNIT
 
 #: Region of the capture measure (the evaluation's face region: a ball around the nose tip), mm.
-REGION_MM = 80.0
+REGION_MM = EVAL_SETTINGS.region_radius_mm
 
 
 @dataclass
@@ -113,7 +114,7 @@ def _measure(key: str, entry, gt: dict, recon: tuple[np.ndarray, np.ndarray], so
     return row
 
 
-def training_capture(model: ImFacePlusPlus, ck, scan_folder: str | Path, *, resolution: int = 128,
+def training_capture(model: ImFacePlusPlus, ck, scan_folder: str | Path, *, resolution: int = EVAL_SETTINGS.resolution,
                      keys: Iterable[str] | None = None, expression: str = "trained",
                      neutral_policy: str | None = None, samples: str | Path | None = None,
                      progress: Callable[[str], None] | None = None) -> list[CaptureRow]:
@@ -146,7 +147,7 @@ def training_capture(model: ImFacePlusPlus, ck, scan_folder: str | Path, *, reso
     return out
 
 
-def heldout_capture(model: ImFacePlusPlus, scan_folder: str | Path, *, schedule=None, resolution: int = 128,
+def heldout_capture(model: ImFacePlusPlus, scan_folder: str | Path, *, schedule=None, resolution: int = EVAL_SETTINGS.resolution,
                     keys: Iterable[str] | None = None, neutral_policy: str | None = None, seed: int = 0,
                     progress: Callable[[str], None] | None = None) -> tuple[list[CaptureRow], dict[str, dict]]:
     """Fit every scan (or `keys`) of a shared-topology folder and measure capture; also returns each

@@ -28,6 +28,7 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
+
 @dataclass(frozen=True)
 class BallRegion:
     """Keep only points within `radius` of `center` (e.g. the face region around the nose tip)."""
@@ -38,6 +39,28 @@ class BallRegion:
     def contains(self, points: np.ndarray) -> np.ndarray:
         c = np.asarray(self.center, dtype=np.float64)
         return np.linalg.norm(np.asarray(points, dtype=np.float64) - c, axis=1) <= self.radius
+
+
+REGIONS = ("sphere", "ball")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How every reported figure is measured: `imface evaluate`, the fit reports and the benchmark scripts
+    take their defaults from `EVAL_SETTINGS`, so tables from different runs compare."""
+    resolution: int = 256            # marching-cubes grid of the fitted face
+    n_points: int = 200_000          # points sampled on each surface for the metrics
+    region: str = "ball"             # the paper's: a ball around the nose tip ("sphere": the sampling sphere)
+    region_radius_mm: float = 80.0   # that ball's radius
+    seed: int = 0                    # of the point sampling
+
+    def describe(self) -> str:
+        where = (f"the ball of {self.region_radius_mm:g} mm around the nose tip" if self.region == "ball"
+                 else "the 100 mm sampling sphere")
+        return f"marching cubes {self.resolution}³, {self.n_points:,} points per mesh, in {where}"
+
+
+EVAL_SETTINGS = EvalSettings()
 
 
 def _as_trimesh(mesh: trimesh.Trimesh | tuple[np.ndarray, np.ndarray]) -> trimesh.Trimesh:
