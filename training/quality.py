@@ -222,6 +222,10 @@ class WrinkleError:
     base_other_mm: float        # the same at the other skin vertices (no wrinkle)
     refined_other_mm: float
     n_wrinkle: int
+    # correlation, over the wrinkle points, of what DetailNet changes (f - f̂) with the grooves (-w: a groove
+    # of depth w reads +w outside the smooth surface): ~1 when it draws the wrinkles, ~0 when it only
+    # corrects the base surface smoothly (which also lowers |f| at the wrinkle points)
+    pattern_corr: float = math.nan
 
 
 def wrinkle_points(scan_folder: str | Path, key: str, normalized_from_scan: np.ndarray, depth_mm: float = 0.1,
@@ -271,14 +275,32 @@ def wrinkle_point_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, keys
         v, wr, other = wrinkle_points(scan_folder, key, frames[key], depth_mm)
         if not wr.any():
             continue
+        grooves = scan_wrinkles(scan_folder, key)[wr]
         i = index[key]
         c = codes[key] if codes is not None and key in codes else training_face_codes(model, i, rows_meta[i]["identity_index"])
         pts = _to_model(v, frames[key])
         neutral = training_warp_off(bool(rows_meta[i]["neutral"]), neutral_policy)
         fb, fr = field_values(model, c, pts, neutral)
         out.append(WrinkleError(key, float(np.abs(fb[wr]).mean()), float(np.abs(fr[wr]).mean()),
-                                float(np.abs(fb[other]).mean()), float(np.abs(fr[other]).mean()), int(wr.sum())))
+                                float(np.abs(fb[other]).mean()), float(np.abs(fr[other]).mean()), int(wr.sum()),
+                                _corr(fr[wr] - fb[wr], -grooves)))
     return out
+
+
+def scan_wrinkles(scan_folder: str | Path, key: str) -> np.ndarray:
+    """The ground-truth wrinkle offset (mm along the normal, negative in a groove) of every vertex of one
+    scan of a procedural folder."""
+    from training.data.synthetic_faces import scan_detail_offsets
+
+    manifest = json.loads((Path(scan_folder) / "manifest.json").read_text())
+    raw = next(s for s in manifest["scans"] if f"{s['identity']}/{s['expression']}" == key)
+    return scan_detail_offsets(manifest, raw)["wrinkles"]
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return math.nan
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def _to_model(vertices_mm: np.ndarray, normalized_from_scan: np.ndarray) -> torch.Tensor:
@@ -326,7 +348,9 @@ def transfer_wrinkle_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, s
     """Transferring details moves the wrinkles: the person's neutral face with the detail code of their
     wrinkled scan `source_key`. The ground truth is the neutral mesh with the source's wrinkles added
     along its normals (shared topology: vertex i is the same skin point); |f| (mm) at those wrinkle
-    points with the neutral scan's own detail code, with the source's, and of the base field."""
+    points with the neutral scan's own detail code, with the source's, and of the base field; transfer_corr:
+    the correlation of what the swap changes in f with the wrinkles it should add (~1 when the detail code
+    carries the wrinkles, ~0 when it does not)."""
     from backend.geometry.normals import vertex_normals
     from training.data.synthetic_faces import scan_detail_offsets
 
@@ -351,5 +375,7 @@ def transfer_wrinkle_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, s
     neutral = training_warp_off(True)
     fb, f_own = field_values(model, own, pts, neutral)
     _, f_src = field_values(model, FaceCodes(own.identity, own.expression, src.detail), pts, neutral)
+    # what the swap changes against the wrinkles it should add (-(w_src - w_neu): a new groove reads +)
+    change = _corr(f_src - f_own, -(w_src - w_neu)[wr])
     return {"base_mm": float(np.abs(fb).mean()), "own_detail_mm": float(np.abs(f_own).mean()),
-            "transferred_detail_mm": float(np.abs(f_src).mean()), "n": int(wr.sum())}
+            "transferred_detail_mm": float(np.abs(f_src).mean()), "transfer_corr": change, "n": int(wr.sum())}
