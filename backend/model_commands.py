@@ -22,6 +22,7 @@ import numpy as np
 
 from backend.geometry.metrics import EVAL_SETTINGS, REGIONS
 
+
 class CommandError(Exception):
     """A problem with the user's input, reported as one line with exit code 2."""
 

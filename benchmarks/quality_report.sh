@@ -38,7 +38,7 @@ PY
 
 train_eval() {  # preset, work dir [, preprocess options]
   local preset="$1" dir="$2"; shift 2
-  [ -f "$dir/train_samples/index.json" ] || "$PY" -m backend.cli preprocess "$dir/train_scans" --out "$dir/train_samples" "$@"
+  "$PY" -m backend.cli preprocess "$dir/train_scans" --out "$dir/train_samples" "$@"   # cached per scan
   "$PY" -m training.train --preset "$preset" --data "$dir/train_samples" --out "$dir/run_$preset" --no-progress \
       --resume 2>/dev/null \
     || "$PY" -m training.train --preset "$preset" --data "$dir/train_samples" --out "$dir/run_$preset" --no-progress
@@ -64,8 +64,7 @@ for step in "${STEPS[@]}"; do
     schedule)
       # cpu preset trained on id00-id09; choose on id10-id11, report on id12-id15
       split "$ICT" "$WORK/ict10" 10 16
-      [ -f "$WORK/ict10/train_samples/index.json" ] \
-        || "$PY" -m backend.cli preprocess "$WORK/ict10/train_scans" --out "$WORK/ict10/train_samples"
+      "$PY" -m backend.cli preprocess "$WORK/ict10/train_scans" --out "$WORK/ict10/train_samples"
       [ -f "$WORK/ict10/run_cpu/model.safetensors" ] || "$PY" -m training.train --preset cpu \
           --data "$WORK/ict10/train_samples" --out "$WORK/ict10/run_cpu" --no-progress --overwrite
       "$PY" benchmarks/bench_fit_schedule.py --model "$WORK/ict10/run_cpu/model.safetensors" --scans "$ICT" \
