@@ -21,6 +21,7 @@ only rank 0 writes files. Ctrl-C / SIGTERM finish the current step, write a chec
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -398,6 +399,10 @@ class Trainer:
             self._unlock_run_dir()
             torch.set_num_threads(threads)
             if self._owns_pg and dist.is_initialized():
+                # DDP's reducer holds gloo work objects; freed during interpreter teardown, after the
+                # group is gone, they intermittently aborted a rank at exit. Free them first.
+                self.net = self.model
+                gc.collect()
                 dist.destroy_process_group()
 
     def _loop(self, t_call: float) -> RunResult:
