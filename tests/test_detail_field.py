@@ -125,3 +125,30 @@ def test_stage_two_keeps_the_base_and_brings_the_wrinkles_closer(tiny_model, loa
     assert refined < 0.95 * base, (base, refined)
     # and over the rest of the skin the refinement does not make things worse
     assert np.mean([r.refined_other_mm for r in rows]) < np.mean([r.base_other_mm for r in rows])
+
+
+def test_template_drift_is_the_template_distance_of_one_skin_point_on_two_scans(tiny_model, loaded_model):
+    """Where DetailNet reads a wrinkle: zero for the neutral scan against itself; for an expression, the
+    distance between the template points the model gives vertex i of that scan and of the neutral scan."""
+    from backend.geometry.alignment import apply_transform
+    from backend.scans.folder import load_scan, load_scan_folder
+    from backend.units import MM_PER_UNIT
+    from training.quality import template_drift, training_transforms
+
+    model, ck = loaded_model
+    assert np.all(template_drift(model, ck, tiny_model.scans, "id00/neutral", tiny_model.samples) == 0.0)
+    drift = template_drift(model, ck, tiny_model.scans, "id01/smile", tiny_model.samples)
+    folder = load_scan_folder(tiny_model.scans)
+    frames = training_transforms(tiny_model.samples)
+    picked = np.array([0, len(drift) // 3, len(drift) // 2, len(drift) - 1])
+    tmpl = {}
+    for key in ("id01/smile", "id01/neutral"):
+        entry = next(e for e in folder.entries if e.key == key)
+        v = load_scan(entry, folder.units).vertices[picked]
+        codes, warp_off = trained_codes(model, ck, key)
+        with torch.no_grad():
+            x = torch.from_numpy(apply_transform(frames[key], v)).float()
+            tmpl[key] = model.field(codes, neutral=warp_off, frozen=True).to_template(x).numpy()
+    by_hand = np.linalg.norm(tmpl["id01/smile"] - tmpl["id01/neutral"], axis=1) * MM_PER_UNIT
+    assert np.allclose(drift[picked], by_hand, rtol=1e-4, atol=1e-4), (drift[picked], by_hand)
+    assert drift.mean() > 0.01   # two scans, two sets of codes: the model never reads them identically

@@ -343,6 +343,29 @@ def stage_two_config(model_path: str | Path, out: str | Path, steps: int, sample
     return apply_overrides(cfg, list(overrides)) if overrides else cfg
 
 
+def template_drift(model: ImFacePlusPlus, ck, scan_folder: str | Path, key: str,
+                   samples: str | Path | None = None) -> np.ndarray:
+    """Per vertex (mm): how far apart the model puts one skin point in template space when it reads it on
+    training scan `key` and on that person's neutral scan (trained codes; shared topology: vertex i is the
+    same skin point on both). DetailNet reads the template, so a detail code moves a wrinkle onto another
+    face only where this is small against the wrinkles' spacing; 0 for the neutral scan itself."""
+    frames = _transforms(ck, samples)
+    rows_meta = ck.dataset["scans"]
+    index = {r["key"]: i for i, r in enumerate(rows_meta)}
+    person = key.split("/")[0]
+    neutral_key = next(r["key"] for r in rows_meta if r["neutral"] and r["key"].split("/")[0] == person)
+    gt, _ = _gt_meshes(scan_folder, [key])
+    tmpl = []
+    for k in (key, neutral_key):
+        i = index[k]
+        codes = training_face_codes(model, i, rows_meta[i]["identity_index"])
+        with torch.no_grad():
+            face = model.field(codes, neutral=training_warp_off(bool(rows_meta[i]["neutral"])), frozen=True,
+                               detail=False)
+            tmpl.append(face.to_template(_to_model(gt[k][1], frames[k])).numpy())
+    return np.linalg.norm(tmpl[0] - tmpl[1], axis=1) * MM_PER_UNIT
+
+
 def transfer_wrinkle_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, source_key: str,
                            samples: str | Path | None = None, depth_mm: float = 0.1) -> dict[str, float]:
     """Transferring details moves the wrinkles: the person's neutral face with the detail code of their
@@ -350,7 +373,7 @@ def transfer_wrinkle_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, s
     along its normals (shared topology: vertex i is the same skin point); |f| (mm) at those wrinkle
     points with the neutral scan's own detail code, with the source's, and of the base field; transfer_corr:
     the correlation of what the swap changes in f with the wrinkles it should add (~1 when the detail code
-    carries the wrinkles, ~0 when it does not)."""
+    carries the wrinkles, ~0 when it does not); template_drift_mm: `template_drift` at those points."""
     from backend.geometry.normals import vertex_normals
     from training.data.synthetic_faces import scan_detail_offsets
 
@@ -377,5 +400,7 @@ def transfer_wrinkle_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, s
     _, f_src = field_values(model, FaceCodes(own.identity, own.expression, src.detail), pts, neutral)
     # what the swap changes against the wrinkles it should add (-(w_src - w_neu): a new groove reads +)
     change = _corr(f_src - f_own, -(w_src - w_neu)[wr])
+    drift = template_drift(model, ck, root, source_key, samples)[wr]
     return {"base_mm": float(np.abs(fb).mean()), "own_detail_mm": float(np.abs(f_own).mean()),
-            "transferred_detail_mm": float(np.abs(f_src).mean()), "transfer_corr": change, "n": int(wr.sum())}
+            "transferred_detail_mm": float(np.abs(f_src).mean()), "transfer_corr": change, "n": int(wr.sum()),
+            "template_drift_mm": float(drift.mean())}
