@@ -148,6 +148,10 @@ class TrainConfig:
         # λ4 1e5 -> 1e4: the code prior was the largest measured cause of washed-out expressions
         # (docs/training-quality.md: capture on training scans 0.42 -> 0.48, held-out 0.02 -> 0.18).
         model.loss.embedding = 1e4
+        # λ7 1e2 -> 1e3: with 1e2 the expression warp slid moving skin 2-3 mm along the surface in template
+        # space, where DetailNet reads it, so detail codes could not carry forehead wrinkles to another
+        # face (docs/training-quality.md, "template drift").
+        model.loss.landmark_consistency = 1e3
         return cls(
             model=model,
             data=DataConfig(points_per_scan=1024, near_fraction=0.75, surface_points=256,
