@@ -152,3 +152,54 @@ def test_template_drift_is_the_template_distance_of_one_skin_point_on_two_scans(
     by_hand = np.linalg.norm(tmpl["id01/smile"] - tmpl["id01/neutral"], axis=1) * MM_PER_UNIT
     assert np.allclose(drift[picked], by_hand, rtol=1e-4, atol=1e-4), (drift[picked], by_hand)
     assert drift.mean() > 0.01   # two scans, two sets of codes: the model never reads them identically
+
+
+def test_refit_on_a_frozen_base_moves_the_wrinkles_with_the_detail_code(tiny_model):
+    """The linearised stage two (training.detail_refit): the base untouched, the wrinkles drawn closer, and
+    a person's neutral face given their smile's detail code gains that smile's crow's feet."""
+    from backend.model.io import load_model
+    from training.dataset import ProcessedScans
+    from training.detail_refit import refit_details
+    from training.quality import transfer_wrinkle_error
+
+    model, ck = load_model(tiny_model.path)   # a copy: the shared fixture stays as trained
+    keys = ("id00/smile", "id01/smile")
+
+    def measure() -> tuple[float, float]:
+        rows = wrinkle_point_error(model, ck, tiny_model.scans, keys, samples=tiny_model.samples)
+        moved = [transfer_wrinkle_error(model, ck, tiny_model.scans, k, samples=tiny_model.samples)["transfer_corr"]
+                 for k in keys]
+        return float(np.mean([r.refined_wrinkle_mm for r in rows])), float(np.mean(moved))
+
+    error_before, moved_before = measure()
+    base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("detail_net.", "detail_codes."))}
+    # six scans: fewer per step, more points each (the defaults suit a folder of many scans)
+    losses = refit_details(model, ProcessedScans.load(tiny_model.samples), steps=1200, points_per_scan=4000,
+                           scans_per_batch=4, batch_points=1024)
+    error_after, moved_after = measure()
+    print(f"refined |f| at the wrinkles {error_before:.3f} -> {error_after:.3f} mm, "
+          f"transfer corr {moved_before:.3f} -> {moved_after:.3f}")
+    for k, v in model.state_dict().items():
+        if k in base:
+            assert torch.equal(v, base[k]), k
+    assert np.mean(losses[-100:]) < 0.8 * np.mean(losses[:100])
+    assert error_after < 0.8 * error_before
+    # the swapped code now adds the wrinkles where they belong (it did not before the refit)
+    assert moved_before < 0.04 and moved_after > 0.06, (moved_before, moved_after)
+
+
+def test_refit_command_writes_a_new_model_and_refuses_bad_input(tiny_model, tmp_path, capsys):
+    from backend.model.io import load_checkpoint
+    from training.detail_refit import main
+
+    out = tmp_path / "refit.safetensors"
+    assert main([str(tiny_model.path), "--out", str(tiny_model.path)]) == 2      # never over the original
+    assert "must differ" in capsys.readouterr().err
+    assert main([str(tiny_model.path), "--data", str(tmp_path), "--out", str(out)]) == 2
+    assert "index.json" in capsys.readouterr().err and not out.exists()
+    assert main([str(tiny_model.path), "--data", str(tiny_model.samples), "--steps", "5", "--points", "500",
+                 "--out", str(out)]) == 0
+    new, old = load_checkpoint(out), load_checkpoint(tiny_model.path)
+    assert new.state["detail_refit"]["steps"] == 5 and new.dataset == old.dataset
+    changed = {k for k in old.model_state if not torch.equal(old.model_state[k], new.model_state[k])}
+    assert changed and all(k.startswith(("detail_net.", "detail_codes.")) for k in changed), changed

@@ -122,3 +122,14 @@ def test_worker_processes_build_the_same_batches(scans):
     assert len(inline) == len(workers) == 4
     for a, b in zip(inline, workers):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_surface_sample_is_a_fixed_subset_of_the_scans_surface_samples(scans):
+    every = scans.surface_sample(0, 10**9)
+    assert torch.equal(every, scans._data[0].surface_points)
+    part = scans.surface_sample(0, 50, seed=1)
+    assert part.shape == (50, 3) and torch.equal(part, scans.surface_sample(0, 50, seed=1))
+    assert not torch.equal(part, scans.surface_sample(0, 50, seed=2))
+    # each drawn point is one of the scan's samples, none twice
+    rows = {tuple(r) for r in every.tolist()}
+    assert all(tuple(r) in rows for r in part.tolist()) and len({tuple(r) for r in part.tolist()}) == 50

@@ -214,6 +214,15 @@ class ProcessedScans:
         epoch, j = divmod(step, spe)
         return self.epoch_order(seed, epoch, scans_per_batch)[j * scans_per_batch:(j + 1) * scans_per_batch]
 
+    def surface_sample(self, scan: int, count: int, seed: int = 0) -> torch.Tensor:
+        """`count` of scan `scan`'s surface samples (all of them when it has fewer), a fixed random subset
+        for a given seed."""
+        n = self._data[scan].surface_points.shape[0]
+        if count >= n:
+            return _take(self._data[scan].surface_points, torch.arange(n))
+        idx = torch.randperm(n, generator=_generator(seed, "surface_sample", scan))[:count]
+        return _take(self._data[scan].surface_points, idx)
+
     def batch(self, step: int, *, seed: int, scans_per_batch: int, points_per_scan: int,
               near_fraction: float, surface_points: int, dense_points: int = 0,
               rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:

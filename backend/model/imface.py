@@ -206,6 +206,11 @@ class ImFacePlusPlus(nn.Module):
         d = self.detail_net(template, self.template_landmarks, detail_code, weights=weights)[..., 0]
         return self.cfg.detail_max_displacement * torch.tanh(d)
 
+    def detail_displacement(self, template: torch.Tensor, detail_code: torch.Tensor) -> torch.Tensor:
+        """d(p''; z) (B, N) at template points (B, N, 3) for detail codes (B, detail_dim), differentiable
+        in both and in DetailNet (no base network involved)."""
+        return self._detail_value(template, detail_code, self.detail_net.batched_weights(detail_code))
+
     def _displaced(self, x: torch.Tensor, base: _Base, base_grad: torch.Tensor,
                    detail_code: torch.Tensor, det_w: list[LayerWeights] | None = None) -> torch.Tensor:
         """p_b' = p + χ(f̂) D(p'') ∇f̂/||∇f̂|| (eq. 7), D bounded by tanh as in IDF / official code."""
