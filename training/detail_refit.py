@@ -53,7 +53,8 @@ def detail_targets(model: ImFacePlusPlus, data: ProcessedScans, points_per_scan:
             parts_r.append((-f.detach() / g.norm(dim=-1).clamp_min(1e-6)).clamp(-bound, bound))
         tmpl.append(torch.cat(parts_t))
         tgt.append(torch.cat(parts_r))
-    return DetailTargets(torch.stack(tmpl), torch.stack(tgt))
+    n = min(len(t) for t in tgt)   # a scan with fewer samples than asked bounds them all (subsets are random)
+    return DetailTargets(torch.stack([t[:n] for t in tmpl]), torch.stack([t[:n] for t in tgt]))
 
 
 def refit_details(model: ImFacePlusPlus, data: ProcessedScans, steps: int, *, lr: float = 1e-3,
