@@ -72,15 +72,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
-    from model_fixture import train_tiny_model
+    from model_fixture import model_for_benchmark
 
-    tmp = None
-    model, scans, samples = a.model, a.scans, a.samples
-    if model is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_detail_")
-        print("training a small model (no --model given) ...", flush=True)
-        tiny = train_tiny_model(tmp.name, threads=a.threads)
-        model, scans, samples = str(tiny.path), str(tiny.scans), str(tiny.samples)
+    model, scans, tmp = model_for_benchmark(a.model, a.threads, "detail")
+    scans, samples = a.scans or scans, a.samples   # samples: None reads the folder in the model's config
     report(model, scans, samples, f"base model {model}")
     if a.stage_two:
         from training.quality import stage_two_config

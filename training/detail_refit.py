@@ -59,12 +59,15 @@ def detail_targets(model: ImFacePlusPlus, data: ProcessedScans, points_per_scan:
 
 def refit_details(model: ImFacePlusPlus, data: ProcessedScans, steps: int, *, lr: float = 1e-3,
                   points_per_scan: int = 5000, scans_per_batch: int = 16, batch_points: int = 256,
-                  seed: int = 0, neutral_policy: str | None = None,
+                  seed: int = 0, neutral_policy: str | None = None, targets: DetailTargets | None = None,
                   log: Callable[[str], None] | None = None) -> list[float]:
     """Train DetailNet and the detail codes of `model` in place on its training samples (E, I, T, the
     Landmark-Nets and the identity/expression codes untouched): L1 between d and the target, weighted
-    as the surface term (λ1), plus the detail-code prior (λ5). Returns the loss of every step."""
-    targets = detail_targets(model, data, points_per_scan, seed, neutral_policy)
+    as the surface term (λ1), plus the detail-code prior (λ5). Returns the loss of every step.
+    targets: `detail_targets` of this model and data, when already computed (they depend only on the
+    frozen base)."""
+    if targets is None:
+        targets = detail_targets(model, data, points_per_scan, seed, neutral_policy)
     trainable = list(model.detail_net.parameters()) + list(model.detail_codes.parameters())
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():

@@ -343,27 +343,36 @@ def stage_two_config(model_path: str | Path, out: str | Path, steps: int, sample
     return apply_overrides(cfg, list(overrides)) if overrides else cfg
 
 
+def _neutral_key(ck, key: str) -> str:
+    """The training neutral scan of `key`'s person."""
+    person = key.split("/")[0]
+    return next(r["key"] for r in ck.dataset["scans"] if r["neutral"] and r["key"].split("/")[0] == person)
+
+
+def _drift(model: ImFacePlusPlus, ck, frames: dict[str, np.ndarray], gt: dict, key: str,
+           vertices: np.ndarray | slice = slice(None)) -> np.ndarray:
+    """`template_drift` at `vertices`, from already loaded frames and ground-truth meshes."""
+    rows_meta = ck.dataset["scans"]
+    index = {r["key"]: i for i, r in enumerate(rows_meta)}
+    tmpl = []
+    for k in (key, _neutral_key(ck, key)):
+        i = index[k]
+        codes = training_face_codes(model, i, rows_meta[i]["identity_index"])
+        with torch.no_grad():
+            face = model.field(codes, neutral=training_warp_off(bool(rows_meta[i]["neutral"])), frozen=True,
+                               detail=False)
+            tmpl.append(face.to_template(_to_model(gt[k][1][vertices], frames[k])).numpy())
+    return np.linalg.norm(tmpl[0] - tmpl[1], axis=1) * MM_PER_UNIT
+
+
 def template_drift(model: ImFacePlusPlus, ck, scan_folder: str | Path, key: str,
                    samples: str | Path | None = None) -> np.ndarray:
     """Per vertex (mm): how far apart the model puts one skin point in template space when it reads it on
     training scan `key` and on that person's neutral scan (trained codes; shared topology: vertex i is the
     same skin point on both). DetailNet reads the template, so a detail code moves a wrinkle onto another
     face only where this is small against the wrinkles' spacing; 0 for the neutral scan itself."""
-    frames = _transforms(ck, samples)
-    rows_meta = ck.dataset["scans"]
-    index = {r["key"]: i for i, r in enumerate(rows_meta)}
-    person = key.split("/")[0]
-    neutral_key = next(r["key"] for r in rows_meta if r["neutral"] and r["key"].split("/")[0] == person)
     gt, _ = _gt_meshes(scan_folder, [key])
-    tmpl = []
-    for k in (key, neutral_key):
-        i = index[k]
-        codes = training_face_codes(model, i, rows_meta[i]["identity_index"])
-        with torch.no_grad():
-            face = model.field(codes, neutral=training_warp_off(bool(rows_meta[i]["neutral"])), frozen=True,
-                               detail=False)
-            tmpl.append(face.to_template(_to_model(gt[k][1], frames[k])).numpy())
-    return np.linalg.norm(tmpl[0] - tmpl[1], axis=1) * MM_PER_UNIT
+    return _drift(model, ck, _transforms(ck, samples), gt, key)
 
 
 def transfer_wrinkle_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, source_key: str,
@@ -380,12 +389,11 @@ def transfer_wrinkle_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, s
     frames = _transforms(ck, samples)
     rows_meta = ck.dataset["scans"]
     index = {r["key"]: i for i, r in enumerate(rows_meta)}
-    person = source_key.split("/")[0]
-    neutral_key = next(r["key"] for r in rows_meta if r["neutral"] and r["key"].split("/")[0] == person)
+    neutral_key = _neutral_key(ck, source_key)
     root = Path(scan_folder)
     manifest = json.loads((root / "manifest.json").read_text())
     raw = {f"{s['identity']}/{s['expression']}": s for s in manifest["scans"]}
-    gt, _ = _gt_meshes(root, [neutral_key])
+    gt, _ = _gt_meshes(root, [source_key])   # the source and its person's neutral scan
     _, nv, nf, _ = gt[neutral_key]
     w_src = scan_detail_offsets(manifest, raw[source_key])["wrinkles"]
     w_neu = scan_detail_offsets(manifest, raw[neutral_key])["wrinkles"]
@@ -400,7 +408,7 @@ def transfer_wrinkle_error(model: ImFacePlusPlus, ck, scan_folder: str | Path, s
     _, f_src = field_values(model, FaceCodes(own.identity, own.expression, src.detail), pts, neutral)
     # what the swap changes against the wrinkles it should add (-(w_src - w_neu): a new groove reads +)
     change = _corr(f_src - f_own, -(w_src - w_neu)[wr])
-    drift = template_drift(model, ck, root, source_key, samples)[wr]
+    drift = _drift(model, ck, frames, gt, source_key, wr)
     return {"base_mm": float(np.abs(fb).mean()), "own_detail_mm": float(np.abs(f_own).mean()),
             "transferred_detail_mm": float(np.abs(f_src).mean()), "transfer_corr": change, "n": int(wr.sum()),
             "template_drift_mm": float(drift.mean())}
