@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         out["heldout"] = rows_to_json(rows)
         out["heldout_fits"] = info
     print(f"({time.perf_counter() - t0:.0f} s; marching cubes {a.resolution}³; moving = ground-truth vertices "
-          f"moving > 3 mm and facing the viewer, in the {EVAL_SETTINGS.region_radius_mm:g} mm ball around the nose tip)")
+          f"moving > 3 mm, facing and seen by the viewer, in the {EVAL_SETTINGS.region_radius_mm:g} mm ball around the nose tip)")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     if tmp is not None:

@@ -80,3 +80,26 @@ def test_vertices_facing_away_do_not_count(faces_and_motion):
     moving, static = moving_region(v, v + lift, f, view=(0.0, 0.0, -1.0))
     assert not moving.any() and not static.any()
     assert np.isnan(expression_capture((v, f), (v + lift, f), (v, f), view=(0.0, 0.0, -1.0)).capture)
+
+
+def test_hidden_vertices_do_not_count(faces_and_motion):
+    """A fold behind the face (like the inside of a nostril) moves with the expression, facing the viewer,
+    but nobody sees it and no model is trained on it: it is left out of both regions."""
+    v, f, lift = faces_and_motion
+    pocket, pf = _sheet(n=9, size=16.0)
+    pocket = pocket + [48.0, 0.0, -8.0]          # under the static part of the sheet, 8 mm behind it
+    vv = np.concatenate([v, pocket])
+    ff = np.concatenate([f, pf + len(v)])
+    move = np.concatenate([lift, np.tile([0.0, 4.0, 2.0], (len(pocket), 1))])   # the pocket moves 4.5 mm
+    recon = (v + lift, f)                        # the visible face, expression and all; no pocket
+    res = expression_capture((vv, ff), (vv + move, ff), recon)
+    alone = expression_capture((v, f), (v + lift, f), recon)
+    assert res.capture == pytest.approx(1.0, abs=1e-9)
+    assert (res.n_moving, res.n_static) == (alone.n_moving, alone.n_static)
+    # Counted, the pocket's vertices (each about 6 mm from the reconstruction) would have pulled capture down.
+    moving, _ = moving_region(vv, vv + move, ff, hidden_tolerance_mm=20.0)
+    assert moving[len(v):].all()
+    # Surface within the tolerance in front of a vertex (a fold of a noisy scan) does not hide it.
+    shallow = np.concatenate([v, pocket + [0.0, 0.0, 7.5]])
+    seen, _ = moving_region(shallow, shallow + move, ff)
+    assert seen[len(v):].all()

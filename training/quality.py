@@ -4,7 +4,7 @@
 * `training_capture`: each training scan of a shared-topology folder is reconstructed from its trained
   codes (marching cubes, the scan's frame, mm) and compared with the ground-truth meshes by
   `backend.geometry.capture.expression_capture` (the moving region: ground-truth vertices that move more
-  than 3 mm between the person's neutral and this expression and face the viewer). With
+  than 3 mm between the person's neutral and this expression and face, and are seen by, the viewer). With
   `expression="mean"` the person's identity code is combined with the mean training expression code:
   the baseline any trained expression code must beat.
 * `heldout_capture`: the same for fits of scans the model never saw (`backend.fitting.fit`).
@@ -47,10 +47,10 @@ class CaptureRow:
     source: str                     # "trained", "mean expression", "fit"
     capture: float = math.nan       # nan for neutral scans (nothing moves)
     moving_error: float = math.nan  # mm
-    static_error: float = math.nan  # mm (for a neutral scan: every viewer-facing vertex)
+    static_error: float = math.nan  # mm (for a neutral scan: every seen, viewer-facing vertex)
     neutral_distance: float = math.nan
     n_moving: int = 0
-    face_error: float = math.nan    # mean over every viewer-facing vertex of the region (moving or not), mm
+    face_error: float = math.nan    # mean over every seen, viewer-facing vertex of the region (moving or not), mm
 
 
 def _gt_meshes(scan_folder: str | Path, keys: Iterable[str] | None = None):
