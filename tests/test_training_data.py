@@ -133,3 +133,48 @@ def test_surface_sample_is_a_fixed_subset_of_the_scans_surface_samples(scans):
     # each drawn point is one of the scan's samples, none twice
     rows = {tuple(r) for r in every.tolist()}
     assert all(tuple(r) in rows for r in part.tolist()) and len({tuple(r) for r in part.tolist()}) == 50
+
+
+def test_points_drawn_where_the_face_moves(tmp_path):
+    import numpy as np
+
+    folder = write_synthetic_processed(tmp_path / "s", n_identities=2, expressions=("neutral", "smile"),
+                                       n_samples=1000, n_surface=200, n_dense=100)
+    data = ProcessedScans.load(folder)
+    with pytest.raises(ValueError, match="mark_moving"):
+        data.batch(0, **KW, moving_fraction=0.25)
+    k = next(i for i, s in enumerate(data.scans) if not s.neutral)
+    d, meta = data._data[k], data.scans[k]
+    ref = data.neutral_dense[meta.identity_index]
+    ok = (d.dense_valid & data.neutral_dense_valid[meta.identity_index]).numpy()
+    motion = torch.linalg.norm(d.dense_points - ref, dim=1).numpy()
+    threshold = float(np.median(motion[ok]))          # half of the valid vertices count as moving
+    assert data.mark_moving(threshold) == 2
+    assert all(len(data._data[i].moving_near) == 0 for i, s in enumerate(data.scans) if s.neutral)
+    # A near sample is marked exactly when its closest valid vertex moves more than the threshold.
+    verts, moves = d.dense_points.numpy()[ok], motion[ok] > threshold
+    near = d.points[:d.n_near].numpy()
+    closest = np.argmin(((near[:, None, :] - verts[None]) ** 2).sum(-1), axis=1)
+    assert set(d.moving_near.tolist()) == set(np.flatnonzero(moves[closest]).tolist())
+    assert 0 < len(d.moving_near) < d.n_near
+    # A quarter of each expressive scan's near and surface draws now come from the marked ones.
+    b = data.batch(0, **KW, moving_fraction=0.25)
+    k_near, k_move = 48, 12
+    marked = d.points[d.moving_near]
+    assert (b["scan_index"] == k).any()               # 4 scans, 4 per batch: every batch holds them all
+    slot = int((b["scan_index"] == k).nonzero()[0, 0])
+    drawn = b["points"][slot, k_near - k_move:k_near]
+    assert all(bool((marked == p).all(1).any()) for p in drawn)
+    s_marked = d.surface_points[d.moving_surface]
+    assert all(bool((s_marked == p).all(1).any()) for p in b["surface_points"][slot, -4:])
+    # Same seed and step, same batch; moving_fraction 0 is the uniform draw.
+    again = data.batch(0, **KW, moving_fraction=0.25)
+    assert all(torch.equal(b[key], again[key]) for key in b)
+    assert torch.equal(data.batch(0, **KW, moving_fraction=0.0)["points"], data.batch(0, **KW)["points"])
+
+
+def test_moving_points_need_shared_topology(tmp_path):
+    folder = write_synthetic_processed(tmp_path / "s", n_identities=2, shared_topology=False,
+                                       n_samples=400, n_surface=50)
+    with pytest.raises(DatasetError, match="shared-topology"):
+        ProcessedScans.load(folder).mark_moving()

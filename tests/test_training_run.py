@@ -154,3 +154,28 @@ def test_one_trainer_per_run_directory(samples, tmp_path):
     finally:
         first._unlock_run_dir()
     assert train(tiny(samples, tmp_path / "run", steps=2), overwrite=True, log=lambda m: None).step == 2
+
+
+def test_drawing_points_where_the_face_moves(samples, tmp_path):
+    cfg = tiny(samples, tmp_path / "run", steps=4, stage2_start=1.0)
+    cfg.data.moving_fraction = 0.3
+    lines: list[str] = []
+    result = train(cfg, log=lines.append)
+    assert result.step == 4 and not result.interrupted
+    assert any("30% of the points of 3 expressive scans" in line for line in lines), lines
+    # The draw changes the batches, so the run differs from the uniform one from its first step.
+    plain = tiny(samples, tmp_path / "plain", steps=1, stage2_start=1.0)
+    train(plain, log=lambda m: None)
+    assert records(tmp_path / "run")[0]["sdf"] != records(tmp_path / "plain")[0]["sdf"]
+    flat = write_synthetic_processed(tmp_path / "flat", n_identities=2, shared_topology=False,
+                                     n_samples=400, n_surface=50)
+    cfg = tiny(flat, tmp_path / "flat_run", steps=2)
+    cfg.data.moving_fraction = 0.3
+    from training.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="shared-topology"):
+        train(cfg, log=lambda m: None)
+    bad = tiny(samples, tmp_path / "bad", steps=2)
+    bad.data.moving_fraction = 1.0
+    with pytest.raises(ValueError, match="moving_fraction must be in"):
+        train(bad, log=lambda m: None)

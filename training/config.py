@@ -45,6 +45,9 @@ class DataConfig:
     # files, held once in the page cache for all DDP ranks of a machine (for paper-scale folders).
     storage: Literal["memory", "mmap"] = "memory"
     workers: int = 0                   # DataLoader worker processes building batches ahead of the step
+    # Share of each expressive scan's near-surface and surface draws taken where the scan moves more than
+    # 3 mm from the person's neutral (shared-topology folders; ProcessedScans.mark_moving). 0: uniform.
+    moving_fraction: float = 0.0
 
 
 @dataclass
@@ -242,6 +245,8 @@ class TrainConfig:
             problems.append("data.scans_per_batch and data.points_per_scan must be >= 1")
         if not 0.0 <= d.near_fraction <= 1.0:
             problems.append("data.near_fraction must be in [0, 1]")
+        if not 0.0 <= d.moving_fraction < 1.0:
+            problems.append("data.moving_fraction must be in [0, 1)")
         if o.lr <= 0 or len(o.betas) != 2:
             problems.append("optim.lr must be > 0 and optim.betas two numbers")
         if not 0.0 <= s.stage2_start <= 1.0:

@@ -52,6 +52,10 @@ class _Scan:
     landmarks: torch.Tensor         # (5, 3)
     dense_points: torch.Tensor | None = None  # (V, 3)
     dense_valid: torch.Tensor | None = None   # (V,) bool
+    # Indices of the near-surface samples / surface points lying where this scan moves away from the
+    # person's neutral (`ProcessedScans.mark_moving`); None until marked, empty for a neutral scan.
+    moving_near: torch.Tensor | None = None
+    moving_surface: torch.Tensor | None = None
 
 
 def derive_seed(*parts: Any) -> int:
@@ -189,6 +193,41 @@ class ProcessedScans:
         mean_valid = (pts * w).sum(0) / cnt.clamp_min(1)  # type: ignore[operator]
         return torch.where(cnt > 0, mean_valid, pts.mean(0))  # type: ignore[union-attr]
 
+    def mark_moving(self, min_motion: float = 0.03) -> int:
+        """Find, per expressive scan, the near-surface samples and surface points whose closest ground-truth
+        vertex lies more than `min_motion` (model units; 3 mm) from its place on the person's neutral:
+        where the expression is. `batch(moving_fraction=...)` draws a share of each scan's points there.
+
+        Expression regions are a few per cent of a face (closed eyelids about 1 %), so uniform draws give
+        them a handful of points per step and the warps learn them last. Needs shared topology (the motion
+        is read off the correspondences). Returns how many scans have a moving region."""
+        from scipy.spatial import cKDTree
+
+        if not self.shared_topology:
+            raise DatasetError("drawing points where the face moves needs a shared-topology folder "
+                               "(dense correspondences)")
+        marked = 0
+        for d, meta in zip(self._data, self.scans):
+            empty = torch.zeros(0, dtype=torch.long)
+            d.moving_near, d.moving_surface = empty, empty
+            if meta.neutral:
+                continue
+            ref = self.neutral_dense[meta.identity_index]                       # type: ignore[index]
+            ok = d.dense_valid & self.neutral_dense_valid[meta.identity_index]  # type: ignore[index]
+            motion = torch.linalg.norm(d.dense_points - ref, dim=1)              # type: ignore[operator]
+            if not bool((ok & (motion > min_motion)).any()):
+                continue
+            verts = d.dense_points[ok].numpy()                                 # type: ignore[index]
+            moves = (motion[ok] > min_motion).numpy()
+            tree = cKDTree(verts)
+            near = np.asarray(d.points[:d.n_near], dtype=np.float32)
+            _, vi = tree.query(near, workers=-1)
+            d.moving_near = torch.from_numpy(np.flatnonzero(moves[vi]).astype(np.int64))
+            _, vs = tree.query(np.asarray(d.surface_points, dtype=np.float32), workers=-1)
+            d.moving_surface = torch.from_numpy(np.flatnonzero(moves[vs]).astype(np.int64))
+            marked += bool(len(d.moving_near) and len(d.moving_surface))
+        return marked
+
     def memory_bytes(self) -> int:
         total = 0
         for d in self._data:
@@ -225,8 +264,13 @@ class ProcessedScans:
 
     def batch(self, step: int, *, seed: int, scans_per_batch: int, points_per_scan: int,
               near_fraction: float, surface_points: int, dense_points: int = 0,
-              rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        """This rank's share of the global batch of `step` (see the module docstring for the contract)."""
+              rank: int = 0, world_size: int = 1, moving_fraction: float = 0.0) -> dict[str, torch.Tensor]:
+        """This rank's share of the global batch of `step` (see the module docstring for the contract).
+
+        moving_fraction: the share of each expressive scan's near-surface and surface draws taken where it
+        moves (after `mark_moving`); the rest are drawn as usual."""
+        if moving_fraction > 0 and any(d.moving_near is None for d in self._data):
+            raise ValueError("moving_fraction needs mark_moving() first")
         if scans_per_batch % world_size:
             raise ValueError(f"scans_per_batch={scans_per_batch} must be divisible by the world size {world_size}")
         local = scans_per_batch // world_size
@@ -245,11 +289,17 @@ class ProcessedScans:
             n_uni = n_total - d.n_near
             k_near = n_near_draw if n_uni > 0 else points_per_scan
             k_near = k_near if d.n_near > 0 else 0
-            idx = [torch.randint(0, d.n_near, (k_near,), generator=g)] if k_near else []
+            k_move = int(round(k_near * moving_fraction)) if moving_fraction and len(d.moving_near) else 0
+            idx = [torch.randint(0, d.n_near, (k_near - k_move,), generator=g)] if k_near else []
+            if k_move:
+                idx.append(d.moving_near[torch.randint(0, len(d.moving_near), (k_move,), generator=g)])
             if points_per_scan - k_near:
                 idx.append(d.n_near + torch.randint(0, n_uni, (points_per_scan - k_near,), generator=g))
             pi = torch.cat(idx)
-            si = torch.randint(0, d.surface_points.shape[0], (surface_points,), generator=g)
+            s_move = int(round(surface_points * moving_fraction)) if moving_fraction and len(d.moving_surface) else 0
+            si = torch.randint(0, d.surface_points.shape[0], (surface_points - s_move,), generator=g)
+            if s_move:
+                si = torch.cat([si, d.moving_surface[torch.randint(0, len(d.moving_surface), (s_move,), generator=g)]])
             cols["points"].append(_take(d.points, pi))
             cols["sdf"].append(_take(d.sdf, pi))
             cols["gradients"].append(_take(d.gradients, pi))

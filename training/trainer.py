@@ -170,6 +170,13 @@ class Trainer:
         self.data = self._dataset
         for note in self.data.notes:
             self.log(f"note: {note}")
+        if self.cfg.data.moving_fraction > 0:
+            if not self.data.shared_topology:
+                raise TrainingError("data.moving_fraction needs a shared-topology folder (it reads the motion "
+                                    "off the dense correspondences); set it to 0 for this data")
+            marked = self.data.mark_moving()
+            self.log(f"{self.cfg.data.moving_fraction:.0%} of the points of {marked} expressive scans are drawn "
+                     "where they move")
         self.total_steps = self.cfg.total_steps(self.data.n_scans)
         if self.total_steps < 1:
             raise TrainingError(f"the schedule has {self.total_steps} steps; set schedule.steps or epochs >= 1")
@@ -412,7 +419,7 @@ class Trainer:
             self.data, self.total_steps, self.rank, self.world_size, seed=cfg.seed,
             scans_per_batch=cfg.data.scans_per_batch, points_per_scan=cfg.data.points_per_scan,
             near_fraction=cfg.data.near_fraction, surface_points=cfg.data.surface_points,
-            dense_points=self._dense_count())
+            dense_points=self._dense_count(), moving_fraction=cfg.data.moving_fraction)
         bar = None
         if self.is_main and cfg.progress:
             from tqdm import tqdm
