@@ -170,10 +170,11 @@ class Trainer:
         self.data = self._dataset
         for note in self.data.notes:
             self.log(f"note: {note}")
+        if self.cfg.data.moving_fraction > 0 and not self.data.shared_topology:
+            # The motion is read off the dense correspondences; scans without them are drawn uniformly.
+            self.log("note: data.moving_fraction needs a shared-topology folder; points are drawn uniformly")
+            self.cfg.data.moving_fraction = 0.0
         if self.cfg.data.moving_fraction > 0:
-            if not self.data.shared_topology:
-                raise TrainingError("data.moving_fraction needs a shared-topology folder (it reads the motion "
-                                    "off the dense correspondences); set it to 0 for this data")
             marked = self.data.mark_moving()
             self.log(f"{self.cfg.data.moving_fraction:.0%} of the points of {marked} expressive scans are drawn "
                      "where they move")
