@@ -63,6 +63,7 @@ class ScanEvaluation:
     capture: float = math.nan
     capture_moving_mm: float = math.nan
     capture_static_mm: float = math.nan
+    capture_motion_mm: float = math.nan   # the moving vertices' distance to the neutral surface (capture's scale)
     fit_seconds: float = math.nan
     evaluations: int = 0
     error: str = ""                       # why this scan has no numbers
@@ -70,13 +71,13 @@ class ScanEvaluation:
 
 NUMBERS = ("chamfer_mm", "fscore_1mm", "normal_consistency", "chamfer_exact_mm", "accuracy_exact_mm",
            "completeness_exact_mm", "fscore_exact_1mm", "ede_mm", "tde_mm", "capture", "capture_moving_mm",
-           "capture_static_mm", "fit_seconds", "evaluations")
+           "capture_static_mm", "capture_motion_mm", "fit_seconds", "evaluations")
 # (column, heading, decimals) of the Markdown table
 _MD = (("chamfer_mm", "Chamfer-L1 (mm)", 3), ("fscore_1mm", "F-score@1mm (%)", 2), ("normal_consistency", "N.C.", 4),
        ("chamfer_exact_mm", "Chamfer exact (mm)", 3), ("fscore_exact_1mm", "F-score exact (%)", 2),
        ("ede_mm", "EDE (mm)", 3), ("tde_mm", "TDE (mm)", 3), ("capture", "capture", 3),
        ("capture_moving_mm", "moving (mm)", 3), ("capture_static_mm", "static (mm)", 3),
-       ("fit_seconds", "fit (s)", 1), ("evaluations", "SDF queries", 0))
+       ("capture_motion_mm", "motion (mm)", 2), ("fit_seconds", "fit (s)", 1), ("evaluations", "SDF queries", 0))
 
 
 @dataclass
@@ -388,5 +389,5 @@ def _correspondence_columns(model: ImFacePlusPlus, rows: list[ScanEvaluation], f
         if neutral_pts is not None and not fd.entry.neutral and len(fd.face[1]):  # type: ignore[attr-defined]
             cap = expression_capture((neutral_pts * MM_PER_UNIT, n.scan_faces),  # type: ignore[union-attr]
                                      (target.dense_points * MM_PER_UNIT, fd.scan_faces), fd.face, region=valid)
-            row.capture, row.capture_moving_mm, row.capture_static_mm = \
-                cap.capture, cap.moving_error, cap.static_error
+            row.capture, row.capture_moving_mm, row.capture_static_mm, row.capture_motion_mm = \
+                cap.capture, cap.moving_error, cap.static_error, cap.neutral_distance

@@ -116,6 +116,8 @@ def test_evaluate_folder_reports_apart_and_measures_exactly(tiny_model, folder):
         r = rows[k]
         assert 0 < r.ede_mm < 10 and r.capture_moving_mm > 0 and r.capture_static_mm > 0, r
         assert -1.0 < r.capture <= 1.0, r
+        # motion is capture's scale: capture = 1 - moving / motion
+        assert r.capture == pytest.approx(1.0 - r.capture_moving_mm / r.capture_motion_mm, abs=1e-9), r
     g = table.groups()
     with_ede = [r.ede_mm for r in rows.values() if not r.neutral]   # EDE: the scans fitted with the warp on
     assert g["all"]["ede_mm"] == pytest.approx(np.mean(with_ede)) and not any(np.isnan(with_ede))

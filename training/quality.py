@@ -174,7 +174,8 @@ def heldout_capture(model: ImFacePlusPlus, scan_folder: str | Path, *, schedule=
 
 
 def summarize(rows: list[CaptureRow]) -> dict[str, dict[str, float]]:
-    """Per expression (and "all expressive"): mean capture, moving and static error."""
+    """Per expression (and "all expressive"): mean capture, moving and static error, face error and motion
+    (the moving vertices' distance to the neutral surface: capture's scale)."""
     groups: dict[str, list[CaptureRow]] = {}
     for r in rows:
         groups.setdefault(r.expression, []).append(r)
@@ -186,7 +187,8 @@ def summarize(rows: list[CaptureRow]) -> dict[str, dict[str, float]]:
             vals = [getattr(r, attr) for r in rs if math.isfinite(getattr(r, attr))]
             return float(np.mean(vals)) if vals else math.nan
         out[name] = {"capture": m("capture"), "moving_error": m("moving_error"),
-                     "static_error": m("static_error"), "face_error": m("face_error"), "n": len(rs)}
+                     "static_error": m("static_error"), "face_error": m("face_error"),
+                     "motion": m("neutral_distance"), "n": len(rs)}
     return out
 
 
@@ -194,8 +196,8 @@ def capture_table(rows: list[CaptureRow], title: str = "") -> str:
     """Markdown: one line per expression (means over people) and the expressive mean."""
     s = summarize(rows)
     lines = [f"**{title}**" if title else "",
-             "| expression | n | capture | moving err (mm) | static err (mm) | face err (mm) |",
-             "|---|---|---|---|---|---|"]
+             "| expression | n | capture | moving err (mm) | static err (mm) | face err (mm) | motion (mm) |",
+             "|---|---|---|---|---|---|---|"]
 
     def fmt(x: float, nd: int = 3) -> str:
         return "–" if not math.isfinite(x) else f"{x:.{nd}f}"
@@ -203,7 +205,7 @@ def capture_table(rows: list[CaptureRow], title: str = "") -> str:
     for name in sorted(s, key=lambda n: (n == "all expressive", n)):
         d = s[name]
         lines.append(f"| {name} | {d['n']} | {fmt(d['capture'])} | {fmt(d['moving_error'])} | "
-                     f"{fmt(d['static_error'])} | {fmt(d['face_error'])} |")
+                     f"{fmt(d['static_error'])} | {fmt(d['face_error'])} | {fmt(d['motion'], 2)} |")
     return "\n".join(lines) + "\n"
 
 
