@@ -269,8 +269,6 @@ class ProcessedScans:
 
         moving_fraction: the share of each expressive scan's near-surface and surface draws taken where it
         moves (after `mark_moving`); the rest are drawn as usual."""
-        if moving_fraction > 0 and any(d.moving_near is None for d in self._data):
-            raise ValueError("moving_fraction needs mark_moving() first")
         if scans_per_batch % world_size:
             raise ValueError(f"scans_per_batch={scans_per_batch} must be divisible by the world size {world_size}")
         local = scans_per_batch // world_size
@@ -284,6 +282,8 @@ class ProcessedScans:
         for slot in range(rank * local, (rank + 1) * local):
             s = int(slots[slot])
             d, meta = self._data[s], self.scans[s]
+            if moving_fraction and d.moving_near is None:
+                raise ValueError("moving_fraction needs mark_moving() first")
             g = _generator(seed, "points", step, slot)
             n_total = d.points.shape[0]
             n_uni = n_total - d.n_near

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from backend.fitting.loop import training_warp_off
-from backend.model import FaceCodes, ImFacePlusPlus
+from backend.fitting.loop import frozen_networks, training_warp_off
+from backend.model import ImFacePlusPlus
 from backend.model import losses as L
 from training.dataset import ProcessedScans, derive_seed
 
@@ -38,8 +38,8 @@ def detail_targets(model: ImFacePlusPlus, data: ProcessedScans, points_per_scan:
     tmpl, tgt = [], []
     for i, meta in enumerate(data.scans):
         x_all = data.surface_sample(i, points_per_scan, seed).to(device)
-        codes = model.codes(torch.tensor([i], device=device), torch.tensor([meta.identity_index], device=device))
-        codes = FaceCodes(codes.identity.detach(), codes.expression.detach(), codes.detail.detach())
+        codes = model.codes(torch.tensor([i], device=device),
+                            torch.tensor([meta.identity_index], device=device)).detach()
         face = model.field(codes, neutral=training_warp_off(meta.neutral, neutral_policy), frozen=True,
                            detail=False)
         parts_t, parts_r = [], []
@@ -69,18 +69,15 @@ def refit_details(model: ImFacePlusPlus, data: ProcessedScans, steps: int, *, lr
     if targets is None:
         targets = detail_targets(model, data, points_per_scan, seed, neutral_policy)
     trainable = list(model.detail_net.parameters()) + list(model.detail_codes.parameters())
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(trainable, lr=lr)
-    g = torch.Generator().manual_seed(derive_seed(seed, "detail_refit"))
     S, N = targets.target.shape
     W = model.cfg.loss
     device = targets.target.device
+    g = torch.Generator().manual_seed(derive_seed(seed, "detail_refit"))
     history = []
-    try:
+    with frozen_networks(model):   # every other parameter frozen; the flags come back afterwards
+        for p in trainable:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(trainable, lr=lr)
         for step in range(steps):
             scans = torch.randperm(S, generator=g)[:min(scans_per_batch, S)]
             pts = torch.randint(0, N, (len(scans), batch_points), generator=g)
@@ -88,7 +85,7 @@ def refit_details(model: ImFacePlusPlus, data: ProcessedScans, steps: int, *, lr
             tgt = targets.target[scans[:, None], pts]
             z = model.detail_codes(scans.to(device))
             d = model.detail_displacement(tmpl, z)
-            fit = W.sdf * (d - tgt).abs().mean()
+            fit = W.sdf * L.sdf_loss(d, tgt)
             prior = W.embedding_detail * L.embedding_loss(z)
             loss = fit + prior
             opt.zero_grad(set_to_none=True)
@@ -98,9 +95,6 @@ def refit_details(model: ImFacePlusPlus, data: ProcessedScans, steps: int, *, lr
             if log is not None and (step + 1) % max(1, steps // 10) == 0:
                 log(f"detail refit {step + 1}/{steps}: loss {history[-1]:.4f} (surface {float(fit.detach()):.4f}, "
                     f"code prior {float(prior.detach()):.4f})")
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     return history
 
 
