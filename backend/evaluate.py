@@ -390,4 +390,4 @@ def _correspondence_columns(model: ImFacePlusPlus, rows: list[ScanEvaluation], f
             cap = expression_capture((neutral_pts * MM_PER_UNIT, n.scan_faces),  # type: ignore[union-attr]
                                      (target.dense_points * MM_PER_UNIT, fd.scan_faces), fd.face, region=valid)
             row.capture, row.capture_moving_mm, row.capture_static_mm, row.capture_motion_mm = \
-                cap.capture, cap.moving_error, cap.static_error, cap.neutral_distance if cap.n_moving else math.nan
+                cap.capture, cap.moving_error, cap.static_error, cap.neutral_distance

@@ -79,7 +79,9 @@ def test_vertices_facing_away_do_not_count(faces_and_motion):
     v, f, lift = faces_and_motion
     moving, static = moving_region(v, v + lift, f, view=(0.0, 0.0, -1.0))
     assert not moving.any() and not static.any()
-    assert np.isnan(expression_capture((v, f), (v + lift, f), (v, f), view=(0.0, 0.0, -1.0)).capture)
+    res = expression_capture((v, f), (v + lift, f), (v, f), view=(0.0, 0.0, -1.0))
+    assert np.isnan(res.capture)
+    assert np.isnan(res.neutral_distance) and res.n_moving == 0   # no motion scale, not 0 mm
 
 
 def test_hidden_vertices_do_not_count(faces_and_motion):

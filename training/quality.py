@@ -108,8 +108,7 @@ def _measure(key: str, entry, gt: dict, recon: tuple[np.ndarray, np.ndarray], so
     nv = gt[neutral_key][1]
     c = expression_capture((nv, f), (v, f), recon, region=_region(v, lm))
     row.capture, row.moving_error, row.static_error = c.capture, c.moving_error, c.static_error
-    row.neutral_distance = c.neutral_distance if c.n_moving else math.nan   # no scale where nothing moves
-    row.n_moving = c.n_moving
+    row.neutral_distance, row.n_moving = c.neutral_distance, c.n_moving
     parts = [(e, n) for e, n in ((c.moving_error, c.n_moving), (c.static_error, c.n_static)) if n]
     row.face_error = sum(e * n for e, n in parts) / max(1, sum(n for _, n in parts))
     return row

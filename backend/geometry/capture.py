@@ -37,7 +37,8 @@ class ExpressionCapture:
     capture: float           # 1 = the full motion, 0 = none (nan when nothing moves)
     moving_error: float      # mean distance of the moving ground-truth vertices to the reconstruction
     static_error: float      # the same over the viewer-facing vertices that do not move
-    neutral_distance: float  # mean distance of the moving vertices to the neutral surface (the motion)
+    neutral_distance: float  # mean distance of the moving vertices to the neutral surface (the motion; nan
+                             # when nothing moves: no scale, not 0 mm)
     n_moving: int
     n_static: int
 
@@ -95,7 +96,7 @@ def expression_capture(neutral: tuple[np.ndarray, np.ndarray], expression: tuple
     moving_err = float(to_recon[in_moving].mean()) if moving.any() else float("nan")
     static_err = float(to_recon[~in_moving].mean()) if static.any() else float("nan")
     if not moving.any():
-        return ExpressionCapture(float("nan"), moving_err, static_err, 0.0, 0, int(static.sum()))
+        return ExpressionCapture(float("nan"), moving_err, static_err, float("nan"), 0, int(static.sum()))
     to_neutral = float(closest_points(ev[moving], *neutral)[0].mean())
     capture = 1.0 - moving_err / to_neutral if to_neutral > 0 else float("nan")
     return ExpressionCapture(capture, moving_err, static_err, to_neutral, int(moving.sum()), int(static.sum()))
