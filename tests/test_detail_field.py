@@ -184,8 +184,10 @@ def test_refit_on_a_frozen_base_moves_the_wrinkles_with_the_detail_code(tiny_mod
             assert torch.equal(v, base[k]), k
     assert np.mean(losses[-100:]) < 0.8 * np.mean(losses[:100])
     assert error_after < 0.8 * error_before
-    # the swapped code now adds the wrinkles where they belong (it did not before the refit)
-    assert moved_before < 0.04 and moved_after > 0.06, (moved_before, moved_after)
+    # the swapped code now adds the wrinkles where they belong (it barely did before the refit). The bound on
+    # "before" is loose: the tiny base's own figure moves with the CPU's float kernels (under 0.04 on CI's
+    # machine, 0.041 on another, where the refit took it to 0.078).
+    assert moved_before < 0.06 and moved_after > max(0.06, 1.5 * moved_before), (moved_before, moved_after)
 
 
 def test_refit_command_writes_a_new_model_and_refuses_bad_input(tiny_model, tmp_path, capsys):
