@@ -15,7 +15,7 @@ opening.
 
 The worst probe is then reached again along a timeline (`--timeline` steps from the mean codes, each
 decode warm from the last) and by a cold decode, and the two meshes are compared.
-`--render DIR` writes flat-shaded front views (matplotlib) of the mouth region for the worst probe.
+`--render DIR` writes front views of the mouth region (the training previews' renderer) for the worst probe.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from backend.editing import code_pca  # noqa: E402
 from backend.model import FaceCodes  # noqa: E402
 from backend.model.io import load_model  # noqa: E402
 from backend.scans.frame import MM_PER_UNIT  # noqa: E402
+from training.data.preview import render_mesh  # noqa: E402
 
 
 def longest_edges(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -44,25 +45,12 @@ def longest_edges(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def render(vertices: np.ndarray, faces: np.ndarray, centre: np.ndarray, path: Path, half_mm: float = 30.0) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import PolyCollection
+    """A front view of the square of side 2 * half_mm around `centre` (model units), with the previews' renderer."""
+    from PIL import Image
 
-    tri = vertices[faces] * MM_PER_UNIT
-    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    n /= np.linalg.norm(n, axis=1, keepdims=True) + 1e-12
-    light = np.array([0.3, 0.3, 1.0]) / np.linalg.norm([0.3, 0.3, 1.0])
-    shade = np.clip(n @ light, 0.0, 1.0)
-    order = np.argsort(tri[:, :, 2].mean(1))  # painter's order, far to near
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.add_collection(PolyCollection(tri[order][:, :, :2], facecolors=plt.cm.gray(0.15 + 0.8 * shade[order]),
-                                     edgecolors="none"))
-    ax.set_aspect("equal")
-    ax.set_xlim(centre[0] - half_mm, centre[0] + half_mm)
-    ax.set_ylim(centre[1] - half_mm, centre[1] + half_mm)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    h = half_mm / MM_PER_UNIT
+    image = render_mesh(vertices, faces, size=(400, 400), bounds=(centre[0] - h, centre[0] + h, centre[1] - h, centre[1] + h))
+    Image.fromarray(image).save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,48 +83,43 @@ def main(argv: list[str] | None = None) -> int:
           f"{e0.max() * MM_PER_UNIT:.2f} mm; {k} components ({share[k - 1]:.0%} of the expression variance)")
     print("| probe | faces > 3x | faces > 5x | longest edge mm | unconverged vertices | decode s |")
     print("|---|---:|---:|---:|---:|---:|")
-    worst: tuple[int, str, np.ndarray, np.ndarray, FaceCodes] | None = None
+    worst_score, worst_name, worst_codes, worst_mesh, worst_ratio = 0, "", mean, base, np.ones(len(faces))
     for i in range(k):
         for s in (args.sigmas, -args.sigmas):
-            coef = [0.0] * i + [s]
             t = time.perf_counter()
-            codes = FaceCodes(mean.identity, pca.code(coef), mean.detail)
+            codes = FaceCodes(mean.identity, pca.code([0.0] * i + [s]), mean.detail)
             d = dec.decode(codes)
-            ratio = longest_edges(d.vertices, faces) / e0
+            edges = longest_edges(d.vertices, faces)
+            ratio = edges / e0
             name = f"component {i + 1} {s:+g} sd"
-            print(f"| {name} | {(ratio > 3).sum()} | {(ratio > 5).sum()} | "
-                  f"{longest_edges(d.vertices, faces).max() * MM_PER_UNIT:.1f} | {d.n_unconverged} | "
-                  f"{time.perf_counter() - t:.2f} |")
+            print(f"| {name} | {(ratio > 3).sum()} | {(ratio > 5).sum()} | {edges.max() * MM_PER_UNIT:.1f} | "
+                  f"{d.n_unconverged} | {time.perf_counter() - t:.2f} |")
             score = int((ratio > 3).sum()) + d.n_unconverged
-            if worst is None or score > worst[0]:
-                worst = (score, name, d.vertices, ratio, codes)
-    if worst is not None and worst[0] > 0 and args.timeline > 0:
+            if score > worst_score:
+                worst_score, worst_name, worst_codes, worst_mesh, worst_ratio = score, name, codes, d, ratio
+    if worst_score == 0:
+        return 0
+    if args.timeline > 0:
         # The same codes reached the way a timeline reaches them: from the mean codes in small steps,
         # each decode warm from the last; and cold, by a fresh decoder.
-        runs = {}
-        for how in ("timeline", "cold"):
-            d2 = TopologyDecoder(model, dec.template)
-            if how == "timeline":
-                d2.decode(mean)
-                for t in np.linspace(0.0, 1.0, args.timeline + 1)[1:]:
-                    step = FaceCodes(mean.identity, torch.lerp(mean.expression, worst[4].expression, float(t)),
-                                     mean.detail)
-                    out = d2.decode(step)
-            else:
-                out = d2.decode(worst[4])
-            runs[how] = out
-            ratio = longest_edges(out.vertices, faces) / e0
-            print(f"{worst[1]}, {how}{f' ({args.timeline} steps)' if how == 'timeline' else ''}: faces > 5x "
-                  f"{(ratio > 5).sum()}, unconverged {out.n_unconverged}")
-        gap = np.linalg.norm(runs["timeline"].vertices - runs["cold"].vertices, axis=1) * MM_PER_UNIT
+        along = TopologyDecoder(model, dec.template)
+        along.decode(mean)
+        for t in np.linspace(0.0, 1.0, args.timeline + 1)[1:]:
+            timeline = along.decode(FaceCodes(mean.identity, torch.lerp(mean.expression, worst_codes.expression,
+                                                                        float(t)), mean.detail))
+        cold = TopologyDecoder(model, dec.template).decode(worst_codes)
+        for how, out in ((f"timeline ({args.timeline} steps)", timeline), ("cold", cold)):
+            print(f"{worst_name}, {how}: faces > 5x {(longest_edges(out.vertices, faces) / e0 > 5).sum()}, "
+                  f"unconverged {out.n_unconverged}")
+        gap = np.linalg.norm(timeline.vertices - cold.vertices, axis=1) * MM_PER_UNIT
         print(f"timeline vs cold: {(gap > 0.1).sum()} vertices more than 0.1 mm apart, max {gap.max():.1f} mm")
-    if args.render is not None and worst is not None and worst[0] > 0:
+    if args.render is not None:
         args.render.mkdir(parents=True, exist_ok=True)
-        centre = (base.vertices[faces][worst[3] > 3].mean((0, 1)) if (worst[3] > 3).any()
-                  else base.vertices.mean(0)) * MM_PER_UNIT
+        torn = worst_ratio > 3
+        centre = base.vertices[faces][torn].mean((0, 1)) if torn.any() else base.vertices.mean(0)
         render(base.vertices, faces, centre, args.render / "mean_codes.png")
-        render(worst[2], faces, centre, args.render / "worst_probe.png")
-        print(f"renders of the mean codes and of {worst[1]}: {args.render}")
+        render(worst_mesh.vertices, faces, centre, args.render / "worst_probe.png")
+        print(f"renders of the mean codes and of {worst_name}: {args.render}")
     return 0
 
 
