@@ -14,8 +14,10 @@ opening.
     .venv/bin/python benchmarks/decode_tears.py --model runs/default/train/model.safetensors [--render DIR]
 
 The worst probe is then reached again along a timeline (`--timeline` steps from the mean codes, each
-decode warm from the last) and by a cold decode, and the two meshes are compared.
-`--render DIR` writes front views of the mouth region (the training previews' renderer) for the worst probe.
+decode warm from the last) and by a cold decode, and the two meshes are compared; then along two other
+timelines (twice the steps; from the zero expression code), to show whether decodes depend on the path.
+`--render DIR` writes front views of the mouth region (the training previews' renderer) for the mean codes and the
+worst probe, and of the template (template space) with the faces torn in any probe in red.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from backend.editing import code_pca  # noqa: E402
 from backend.model import FaceCodes  # noqa: E402
 from backend.model.io import load_model  # noqa: E402
 from backend.scans.frame import MM_PER_UNIT  # noqa: E402
-from training.data.preview import render_mesh  # noqa: E402
+from training.data.preview import SKIN, render_mesh  # noqa: E402
 
 
 def longest_edges(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
@@ -44,12 +46,19 @@ def longest_edges(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return np.linalg.norm(t - np.roll(t, 1, axis=1), axis=2).max(1)
 
 
-def render(vertices: np.ndarray, faces: np.ndarray, centre: np.ndarray, path: Path, half_mm: float = 30.0) -> None:
-    """A front view of the square of side 2 * half_mm around `centre` (model units), with the previews' renderer."""
+def render(vertices: np.ndarray, faces: np.ndarray, centre: np.ndarray, path: Path, half_mm: float = 30.0,
+           marked: np.ndarray | None = None) -> None:
+    """A front view of the square of side 2 * half_mm around `centre` (model units), with the previews' renderer;
+    the `marked` faces in red."""
     from PIL import Image
 
     h = half_mm / MM_PER_UNIT
-    image = render_mesh(vertices, faces, size=(400, 400), bounds=(centre[0] - h, centre[0] + h, centre[1] - h, centre[1] + h))
+    bounds = (centre[0] - h, centre[0] + h, centre[1] - h, centre[1] + h)
+    colours = None
+    if marked is not None:
+        colours = np.tile(np.asarray(SKIN, dtype=np.float32), (len(faces), 1))
+        colours[marked] = (0.9, 0.15, 0.1)
+    image = render_mesh(vertices, faces, size=(400, 400), bounds=bounds, face_colors=colours)
     Image.fromarray(image).save(path)
 
 
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| probe | faces > 3x | faces > 5x | longest edge mm | unconverged vertices | decode s |")
     print("|---|---:|---:|---:|---:|---:|")
     worst_score, worst_name, worst_codes, worst_mesh, worst_ratio = 0, "", mean, base, np.ones(len(faces))
+    torn_anywhere = np.zeros(len(faces), dtype=bool)
     for i in range(k):
         for s in (args.sigmas, -args.sigmas):
             t = time.perf_counter()
@@ -95,31 +105,52 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {(ratio > 3).sum()} | {(ratio > 5).sum()} | {edges.max() * MM_PER_UNIT:.1f} | "
                   f"{d.n_unconverged} | {time.perf_counter() - t:.2f} |")
             score = int((ratio > 3).sum()) + d.n_unconverged
+            torn_anywhere |= ratio > 3
             if score > worst_score:
                 worst_score, worst_name, worst_codes, worst_mesh, worst_ratio = score, name, codes, d, ratio
     if worst_score == 0:
         return 0
     if args.timeline > 0:
-        # The same codes reached the way a timeline reaches them: from the mean codes in small steps,
-        # each decode warm from the last; and cold, by a fresh decoder.
-        along = TopologyDecoder(model, dec.template)
-        along.decode(mean)
-        for t in np.linspace(0.0, 1.0, args.timeline + 1)[1:]:
-            timeline = along.decode(FaceCodes(mean.identity, torch.lerp(mean.expression, worst_codes.expression,
-                                                                        float(t)), mean.detail))
+        def along(start: torch.Tensor, steps: int):
+            """The worst probe reached the way a timeline reaches it: from `start` in small steps, each
+            decode warm from the last."""
+            decoder = TopologyDecoder(model, dec.template)
+            decoder.decode(FaceCodes(mean.identity, start, mean.detail))
+            for t in np.linspace(0.0, 1.0, steps + 1)[1:]:
+                out = decoder.decode(FaceCodes(mean.identity, torch.lerp(start, worst_codes.expression, float(t)),
+                                               mean.detail))
+            return out
+
+        def apart(a: np.ndarray, b: np.ndarray) -> str:
+            gap = np.linalg.norm(a - b, axis=1) * MM_PER_UNIT
+            return f"{(gap > 0.1).sum()} vertices more than 0.1 mm apart, max {gap.max():.1f} mm"
+
+        timeline = along(mean.expression, args.timeline)
         cold = TopologyDecoder(model, dec.template).decode(worst_codes)
         for how, out in ((f"timeline ({args.timeline} steps)", timeline), ("cold", cold)):
             print(f"{worst_name}, {how}: faces > 5x {(longest_edges(out.vertices, faces) / e0 > 5).sum()}, "
                   f"unconverged {out.n_unconverged}")
-        gap = np.linalg.norm(timeline.vertices - cold.vertices, axis=1) * MM_PER_UNIT
-        print(f"timeline vs cold: {(gap > 0.1).sum()} vertices more than 0.1 mm apart, max {gap.max():.1f} mm")
+        print(f"timeline vs cold: {apart(timeline.vertices, cold.vertices)}")
+        # Where the warp folds, the pre-image a vertex lands on depends on the path: other timelines to
+        # the same codes (finer steps; from the zero expression code) show whether a rule for cold
+        # decodes alone could make decodes agree.
+        finer = along(mean.expression, 2 * args.timeline)
+        print(f"timeline vs {2 * args.timeline} steps: {apart(timeline.vertices, finer.vertices)}")
+        zero = along(torch.zeros_like(mean.expression), args.timeline)
+        print(f"timeline vs {args.timeline} steps from the zero expression code: "
+              f"{apart(timeline.vertices, zero.vertices)}")
     if args.render is not None:
         args.render.mkdir(parents=True, exist_ok=True)
         torn = worst_ratio > 3
         centre = base.vertices[faces][torn].mean((0, 1)) if torn.any() else base.vertices.mean(0)
         render(base.vertices, faces, centre, args.render / "mean_codes.png")
         render(worst_mesh.vertices, faces, centre, args.render / "worst_probe.png")
-        print(f"renders of the mean codes and of {worst_name}: {args.render}")
+        # Where the template tears, in template space: where a cut (or a finer template) would have to go.
+        t_centre = dec.template.vertices[faces][torn_anywhere].mean((0, 1))
+        render(dec.template.vertices, faces, t_centre, args.render / "torn_in_template.png", half_mm=40.0,
+               marked=torn_anywhere)
+        print(f"renders of the mean codes, of {worst_name}, and of the template with the faces torn in any probe "
+              f"(red): {args.render}")
     return 0
 
 

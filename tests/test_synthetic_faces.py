@@ -339,6 +339,20 @@ def test_render_mesh_shades_a_face(person):
     assert np.abs(side.astype(int) - img.astype(int)).mean() > 5
 
 
+def test_render_mesh_face_colours():
+    # Two front-facing triangles side by side, coloured per face: each half of the image takes its
+    # face's hue (shading scales all three channels alike, so the dominant channel is the colour's).
+    v = np.array([[-1.0, -1, 0], [0, -1, 0], [0, 1, 0], [-1, 1, 0], [1, -1, 0], [1, 1, 0]])
+    f = np.array([[0, 1, 2], [0, 2, 3], [1, 4, 5], [1, 5, 2]])
+    colours = np.array([[0.9, 0.1, 0.1], [0.9, 0.1, 0.1], [0.1, 0.1, 0.9], [0.1, 0.1, 0.9]])
+    img = render_mesh(v, f, size=(100, 100), bounds=(-1.0, 1.0, -1.0, 1.0), face_colors=colours).astype(int)
+    left, right = img[30:70, 10:40].reshape(-1, 3), img[30:70, 60:90].reshape(-1, 3)
+    assert (left[:, 0] > left[:, 2] + 60).all() and (right[:, 2] > right[:, 0] + 60).all()
+    plain = render_mesh(v, f, size=(100, 100), bounds=(-1.0, 1.0, -1.0, 1.0)).astype(int)
+    skin = plain[30:70, 10:90].reshape(-1, 3)
+    assert (skin[:, 0] > skin[:, 1]).all() and (skin[:, 1] > skin[:, 2]).all()   # skin: R > G > B
+
+
 def test_render_grid_and_folder_preview(default_scans, tmp_path, person):
     from PIL import Image
 

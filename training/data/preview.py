@@ -22,7 +22,7 @@ Mesh = tuple[np.ndarray, np.ndarray]
 #: Named views: yaw in degrees about +y (positive turns the face toward the viewer's left, showing its left side).
 VIEWS: dict[str, float] = {"front": 0.0, "three_quarter": 30.0, "left": 75.0, "right": -75.0}
 
-_SKIN = np.array([0.86, 0.76, 0.68])
+SKIN = np.array([0.86, 0.76, 0.68])
 _INSIDE = np.array([0.30, 0.16, 0.16])
 
 
@@ -53,8 +53,10 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, size: tuple[int, int] =
                 view: str | float | np.ndarray = "front",
                 bounds: tuple[float, float, float, float] | None = None,
                 background: tuple[int, int, int] = (236, 238, 242), supersample: int = 2,
-                color: Sequence[float] | None = None) -> np.ndarray:
+                color: Sequence[float] | None = None, face_colors: np.ndarray | None = None) -> np.ndarray:
     """Render a triangle mesh to an (H, W, 3) uint8 RGB image (orthographic, looking along -z of the view).
+
+    color: RGB in 0-1 for the whole mesh (default: skin); face_colors: (F, 3) RGB in 0-1 per face instead.
 
     size: (width, height) in pixels. bounds: view-space (xmin, xmax, ymin, ymax) to frame (default: the
     mesh's own extent); the scale keeps the aspect ratio. supersample: render k x larger and average."""
@@ -143,8 +145,11 @@ def render_mesh(vertices: np.ndarray, faces: np.ndarray, size: tuple[int, int] =
             half /= np.linalg.norm(half)
             diffuse = 0.68 * np.clip(n @ key, 0, None) + 0.30 * np.clip(n[:, 2], 0, None)
             spec = 0.22 * np.clip(n @ half, 0, None) ** 24
-            base = np.asarray(_SKIN if color is None else color, dtype=np.float32)
-            rgb = base[None] * (0.10 + diffuse[:, None]) + spec[:, None]
+            if face_colors is not None:
+                base = np.asarray(face_colors, dtype=np.float32)[t]
+            else:
+                base = np.asarray(SKIN if color is None else color, dtype=np.float32)[None]
+            rgb = base * (0.10 + diffuse[:, None]) + spec[:, None]
             if back.any():
                 rgb[back] = _INSIDE[None] * (0.4 + 0.6 * np.clip(n[back, 2:3], 0, None))
             image[pix] = np.clip(rgb, 0.0, 1.0)
